@@ -1,0 +1,127 @@
+// Argument checks and dtype/head-dim dispatch for the simple attention kernel.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "attention/paged_attention.h"
+#include "attention/simple_attention.cuh"
+#include "common/torch_checks.h"
+#include "generated/configs.h"
+
+namespace fireattn {
+
+#define FIREATTN_DECLARE_CONFIG(QT, FP8, D) \
+  extern template void launch_simple_attention<QT, FP8, D>(const AttentionParams&, int, cudaStream_t);
+FIREATTN_ATTENTION_CONFIGS(FIREATTN_DECLARE_CONFIG)
+#undef FIREATTN_DECLARE_CONFIG
+
+namespace {
+
+template <typename T>
+constexpr at::ScalarType scalar_type_of();
+template <>
+constexpr at::ScalarType scalar_type_of<__nv_bfloat16>() { return at::kBFloat16; }
+template <>
+constexpr at::ScalarType scalar_type_of<__half>() { return at::kHalf; }
+
+void check_int32_vector(const at::Tensor& t, const char* op, const char* name, int64_t numel) {
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kInt && t.dim() == 1 && t.stride(0) == 1, "fireattn.", op,
+              ": ", name, " must be a contiguous 1-D int32 CUDA tensor");
+  TORCH_CHECK(t.numel() == numel, "fireattn.", op, ": ", name, " must have ", numel, " elements, got ", t.numel());
+}
+
+}  // namespace
+
+std::vector<int64_t> compiled_head_dims() { return {FIREATTN_HEAD_DIMS}; }
+
+void paged_attention(const char* op, at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                     const at::Tensor& block_table, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                     const at::Tensor& q_scale, const at::Tensor& k_scale, const at::Tensor& v_scale,
+                     double softmax_scale, int64_t max_query_len, bool causal, int64_t window_left, double softcap,
+                     const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& lse) {
+  check_kv_cache(kv_cache);
+  const int64_t num_kv_heads = kv_cache.size(2), head_dim = kv_cache.size(4);
+  TORCH_CHECK(query.is_cuda() && query.dim() == 3 && query.size(2) == head_dim && query.stride(2) == 1, "fireattn.",
+              op, ": query must be a CUDA tensor [num_tokens, num_q_heads, head_dim=", head_dim,
+              "] contiguous in head_dim, got ", query.sizes());
+  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type() && out.stride(2) == 1,
+              "fireattn.", op, ": out must match query's shape and dtype");
+  const int64_t num_q_heads = query.size(1);
+  TORCH_CHECK(num_q_heads % num_kv_heads == 0, "fireattn.", op, ": num_q_heads ", num_q_heads,
+              " is not a multiple of num_kv_heads ", num_kv_heads);
+  const bool fp8 = is_fp8_cache(kv_cache);
+  TORCH_CHECK(fp8 || kv_cache.scalar_type() == query.scalar_type(), "fireattn.", op, ": cache dtype ",
+              kv_cache.scalar_type(), " must be FP8 or match the query dtype ", query.scalar_type());
+  const int64_t num_seqs = seq_lens.numel();
+  check_int32_vector(seq_lens, op, "seq_lens", num_seqs);
+  check_int32_vector(cu_seqlens_q, op, "cu_seqlens_q", num_seqs + 1);
+  TORCH_CHECK(block_table.is_cuda() && block_table.scalar_type() == at::kInt && block_table.dim() == 2 &&
+                  block_table.size(0) >= num_seqs && block_table.stride(1) == 1,
+              "fireattn.", op, ": block_table must be an int32 CUDA tensor [>= num_seqs, max_blocks] with unit column stride");
+  TORCH_CHECK(max_query_len >= 0, "fireattn.", op, ": max_query_len must be >= 0");
+  TORCH_CHECK(softcap >= 0, "fireattn.", op, ": softcap must be >= 0 (0 disables it)");
+  TORCH_CHECK(window_left >= -1, "fireattn.", op, ": window_left must be -1 (off) or >= 0");
+
+  AttentionParams p{};
+  p.q = query.data_ptr();
+  p.out = out.data_ptr();
+  p.q_tok_stride = query.stride(0);
+  p.q_head_stride = query.stride(1);
+  p.o_tok_stride = out.stride(0);
+  p.o_head_stride = out.stride(1);
+  const int64_t elem = kv_cache.element_size();
+  p.kv.base = reinterpret_cast<const uint8_t*>(kv_cache.data_ptr());
+  p.kv.block_stride = kv_cache.stride(0) * elem;
+  p.kv.kv_stride = kv_cache.stride(1) * elem;
+  p.kv.head_stride = kv_cache.stride(2) * elem;
+  p.kv.token_stride = kv_cache.stride(3) * elem;
+  p.kv.block_table = block_table.data_ptr<int32_t>();
+  p.kv.block_table_stride = block_table.stride(0);
+  p.kv.block_size = static_cast<int>(kv_cache.size(3));
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.q_scale_stride = scale_stride(q_scale, num_kv_heads, "q_scale");
+  p.k_scale_stride = scale_stride(k_scale, num_kv_heads, "k_scale");
+  p.v_scale_stride = scale_stride(v_scale, num_kv_heads, "v_scale");
+  p.q_scale = q_scale.data_ptr<float>();
+  p.k_scale = k_scale.data_ptr<float>();
+  p.v_scale = v_scale.data_ptr<float>();
+  if (sinks.has_value()) {
+    TORCH_CHECK(sinks->is_cuda() && sinks->scalar_type() == at::kFloat && sinks->dim() == 1 &&
+                    sinks->numel() == num_q_heads && sinks->stride(0) == 1,
+                "fireattn.", op, ": sinks must be a contiguous float32 CUDA tensor [num_q_heads]");
+    p.sinks = sinks->data_ptr<float>();
+  }
+  if (lse.has_value()) {
+    TORCH_CHECK(lse->is_cuda() && lse->scalar_type() == at::kFloat && lse->dim() == 2 &&
+                    lse->size(0) == num_q_heads && lse->size(1) >= query.size(0) && lse->stride(1) == 1,
+                "fireattn.", op, ": lse must be a float32 CUDA tensor [num_q_heads, >= num_tokens]");
+    p.lse = lse->data_ptr<float>();
+    p.lse_head_stride = lse->stride(0);
+  }
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.softcap = static_cast<float>(softcap);
+  p.window_left = static_cast<int>(window_left);
+  p.causal = causal;
+  p.num_seqs = static_cast<int>(num_seqs);
+  p.num_q_heads = static_cast<int>(num_q_heads);
+  p.num_kv_heads = static_cast<int>(num_kv_heads);
+
+  const at::cuda::OptionalCUDAGuard guard(query.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::ScalarType qt = query.scalar_type();
+  const int mql = static_cast<int>(max_query_len);
+
+#define FIREATTN_TRY_CONFIG(QT, FP8, D)                           \
+  if (qt == scalar_type_of<QT>() && fp8 == FP8 && head_dim == D) { \
+    launch_simple_attention<QT, FP8, D>(p, mql, stream);           \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                \
+    return;                                                        \
+  }
+  FIREATTN_ATTENTION_CONFIGS(FIREATTN_TRY_CONFIG)
+#undef FIREATTN_TRY_CONFIG
+  TORCH_CHECK(false, "fireattn.", op, ": no kernel compiled for head_dim=", head_dim, " dtype=", qt,
+              " cache=", fp8 ? "fp8" : "same-as-query", " (this build has head dims {", FIREATTN_HEAD_DIMS_STR,
+              "}; rebuild with FIREATTN_HEAD_DIMS / FIREATTN_DTYPES including it)");
+}
+
+}  // namespace fireattn

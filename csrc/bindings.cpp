@@ -1,0 +1,41 @@
+// The torch op library. Loaded with torch.ops.load_library, so the shared object needs no
+// Python symbols; Python wrappers and fake kernels live in vllm_fireattn/ops/.
+#include <torch/all.h>
+#include <torch/library.h>
+
+#include "attention/paged_attention.h"
+
+namespace fireattn {
+void cache_write(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
+                 const at::Tensor& slot_mapping, const at::Tensor& k_scale, const at::Tensor& v_scale);
+void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_table,
+             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, const at::Tensor& q_scale,
+             const at::Tensor& k_scale, const at::Tensor& v_scale, double softmax_scale, int64_t max_query_len,
+             bool causal, int64_t window_left, double softcap, const std::optional<at::Tensor>& sinks,
+             const std::optional<at::Tensor>& lse);
+void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_table,
+            const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, const at::Tensor& q_scale,
+            const at::Tensor& k_scale, const at::Tensor& v_scale, double softmax_scale, int64_t max_query_len,
+            bool causal, int64_t window_left, double softcap, const std::optional<at::Tensor>& sinks,
+            const std::optional<at::Tensor>& lse);
+}  // namespace fireattn
+
+#define FIREATTN_ATTENTION_SCHEMA                                                                           \
+  "(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor block_table, Tensor cu_seqlens_q, Tensor seq_lens, " \
+  "Tensor q_scale, Tensor k_scale, Tensor v_scale, float softmax_scale, int max_query_len, bool causal, "     \
+  "int window_left, float softcap, Tensor? sinks, Tensor(b!)? lse) -> ()"
+
+TORCH_LIBRARY(fireattn, m) {
+  m.def(
+      "cache_write(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, Tensor k_scale, "
+      "Tensor v_scale) -> ()");
+  m.def("prefill" FIREATTN_ATTENTION_SCHEMA);
+  m.def("decode" FIREATTN_ATTENTION_SCHEMA);
+  m.def("compiled_head_dims() -> int[]", &fireattn::compiled_head_dims);
+}
+
+TORCH_LIBRARY_IMPL(fireattn, CUDA, m) {
+  m.impl("cache_write", &fireattn::cache_write);
+  m.impl("prefill", &fireattn::prefill);
+  m.impl("decode", &fireattn::decode);
+}

@@ -1,0 +1,26 @@
+import pytest
+
+from vllm_fireattn import ops
+
+
+def _kernel_skip_reason() -> str | None:
+    reason = ops.unavailable_reason(check_device=True)
+    return None if reason is None else f"GPU tier skipped: {reason}"
+
+
+@pytest.fixture(scope="session")
+def cuda_kernels():
+    """Skips (with the reason) unless the compiled kernels and a Hopper GPU are here."""
+    reason = _kernel_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = None
+    for item in items:
+        if "gpu" in item.keywords:
+            if reason is None:
+                reason = _kernel_skip_reason() or ""
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))

@@ -1,0 +1,133 @@
+"""Shared test helpers: synthetic paged batches and DESIGN.md's tolerance rule."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vllm_fireattn import reference as ref
+
+
+@dataclass
+class PagedBatch:
+    query: torch.Tensor  # [T, Hq, D]
+    kv_cache: torch.Tensor  # [num_blocks, 2, Hkv, bs, D]
+    block_table: torch.Tensor  # [num_seqs, max_blocks] int32
+    cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    q_scale: torch.Tensor
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+    max_query_len: int
+
+    def args(self):
+        return (self.query, self.kv_cache, self.block_table, self.cu_seqlens_q, self.seq_lens,
+                self.q_scale, self.k_scale, self.v_scale)
+
+
+def make_scales(num_kv_heads: int, mode: str, amax: float, device, gen) -> torch.Tensor:
+    """mode: 'one' (uncalibrated 1.0), 'tensor' (per-tensor, 0-dim), 'head' (per KV head)."""
+    if mode == "one":
+        return torch.ones((), device=device)
+    if mode == "tensor":
+        return torch.tensor(amax / 448.0, device=device)
+    jitter = 0.5 + torch.rand(num_kv_heads, generator=gen)
+    return (jitter * amax / 448.0).to(device=device, dtype=torch.float32)
+
+
+def make_paged_batch(
+    q_lens: list[int],
+    seq_lens: list[int],
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int = 16,
+    dtype=torch.bfloat16,
+    fp8: bool = True,
+    scale_mode: str = "head",
+    device="cuda",
+    seed: int = 0,
+    extra_blocks: int = 3,
+    block_pad_bytes: int = 0,
+    query_row_pad: int = 0,
+) -> PagedBatch:
+    """Random K/V for every token of every sequence, written through the reference cache write
+    into randomly permuted pages; queries for the last q_len tokens of each sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [max(1, math.ceil(s / block_size)) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + extra_blocks
+    max_blocks = max(blocks_per_seq)
+    page_elems = 2 * num_kv_heads * block_size * head_dim
+    cache_dtype = torch.uint8 if fp8 else dtype
+    elem = 1 if fp8 else torch.tensor([], dtype=dtype).element_size()
+    pad = block_pad_bytes // elem
+    storage = torch.zeros(num_blocks * (page_elems + pad), dtype=cache_dtype, device=device)
+    kv_cache = storage.as_strided(
+        (num_blocks, 2, num_kv_heads, block_size, head_dim),
+        (page_elems + pad, num_kv_heads * block_size * head_dim, block_size * head_dim, head_dim, 1),
+    )
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    block_table = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    k_scale = make_scales(num_kv_heads, scale_mode, 4.0, device, gen)
+    v_scale = make_scales(num_kv_heads, scale_mode, 4.0, device, gen)
+    q_scale = make_scales(num_kv_heads, scale_mode, 4.0, device, gen)
+    used = 0
+    for b, s in enumerate(seq_lens):
+        blocks = perm[used : used + blocks_per_seq[b]]
+        used += blocks_per_seq[b]
+        block_table[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        if s == 0:
+            continue
+        k = torch.randn(s, num_kv_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+        v = torch.randn(s, num_kv_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+        pos = torch.arange(s)
+        slots = torch.tensor(blocks, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size
+        ref.cache_write(k, v, kv_cache, slots.to(device), k_scale, v_scale)
+    total_q = sum(q_lens)
+    query = torch.randn(total_q + query_row_pad, num_q_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
+    return PagedBatch(
+        query=query,
+        kv_cache=kv_cache,
+        block_table=block_table.to(device),
+        cu_seqlens_q=cu.to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        q_scale=q_scale,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        max_query_len=max(q_lens) if q_lens else 0,
+    )
+
+
+def reference_outputs(batch: PagedBatch, op=ref.prefill, **kw):
+    """(ref_fp32, ref_lowp, lse_lowp) in float64 from the reference, rows [0, total_q)."""
+    shape = batch.query.shape
+    outs = {}
+    for precision in ("exact", "kernel"):
+        out = torch.zeros(shape, dtype=torch.float64, device=batch.query.device)
+        lse = torch.full((shape[1], shape[0]), float("-inf"), dtype=torch.float64, device=batch.query.device)
+        op(out, *batch.args(), max_query_len=batch.max_query_len, lse=lse, precision=precision, **kw)
+        outs[precision] = (out, lse)
+    return outs["exact"][0], outs["kernel"][0], outs["kernel"][1]
+
+
+def assert_attention_close(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: torch.Tensor, rows: int):
+    """DESIGN.md tolerance rule, plus a cosine check against the same-precision reference and
+    matching inf/NaN positions."""
+    o, r32, rlp = out[:rows].double(), ref_fp32[:rows], ref_lowp[:rows]
+    assert torch.equal(torch.isnan(o), torch.isnan(rlp)), "NaN positions differ"
+    assert torch.equal(torch.isinf(o), torch.isinf(rlp)), "inf positions differ"
+    finite = torch.isfinite(rlp)
+    o, r32, rlp = o[finite], r32[finite], rlp[finite]
+    if o.numel() == 0:
+        return
+    floor = torch.finfo(out.dtype).eps * r32.abs().max().item() + 1e-6
+    err = (o - r32).abs().max().item()
+    budget = 2 * (rlp - r32).abs().max().item() + floor
+    assert err <= budget, f"max|out-ref_fp32| {err:.3e} > 2*max|ref_lowp-ref_fp32| + floor = {budget:.3e}"
+    cos = torch.nn.functional.cosine_similarity(o.flatten(), rlp.flatten(), dim=0).item()
+    assert 1 - cos <= 1e-4, f"cosine distance to the same-precision reference {1 - cos:.3e}"
+    lowp_err = (o - rlp).abs().max().item()
+    assert lowp_err <= 2 * floor + 1e-4, f"max|out-ref_lowp| {lowp_err:.3e} beyond output rounding {2 * floor:.3e}"

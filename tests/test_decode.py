@@ -1,0 +1,115 @@
+"""GPU: ops.decode vs the reference, padded rows, and CUDA-graph capture/replay."""
+import pytest
+import torch
+
+from helpers import assert_attention_close, make_paged_batch, reference_outputs
+from vllm_fireattn import ops
+from vllm_fireattn import reference as ref
+
+pytestmark = pytest.mark.gpu
+
+
+def _decode(batch, max_query_len, out=None, **kw):
+    out = torch.full_like(batch.query, float("nan")) if out is None else out
+    ops.decode(out, *batch.args(), kw.get("softmax_scale", 0.125), max_query_len, True,
+               kw.get("window_left", -1), kw.get("softcap", 0.0), kw.get("sinks"), None)
+    return out
+
+
+def _skip_unless(d):
+    if d not in ops.compiled_head_dims():
+        pytest.skip(f"head_dim {d} not compiled in this build")
+
+
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("batch_size,context", [(1, 1), (7, 300), (64, 129), (256, 33)])
+@pytest.mark.parametrize("q_len", [1, 4])
+def test_decode_grid(q_len, batch_size, context, head_dim, fp8):
+    _skip_unless(head_dim)
+    gen = torch.Generator().manual_seed(batch_size * 7 + context)
+    seq_lens = [max(q_len, int(x)) for x in torch.randint(1, context + 1, (batch_size,), generator=gen)]
+    batch = make_paged_batch([q_len] * batch_size, seq_lens, 32, 8, head_dim, fp8=fp8, seed=context)
+    out = _decode(batch, q_len, softmax_scale=head_dim**-0.5)
+    r32, rlp, _ = reference_outputs(batch, ref.decode, softmax_scale=head_dim**-0.5)
+    assert_attention_close(out, r32, rlp, q_len * batch_size)
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+@pytest.mark.parametrize("heads", [(4, 4), (16, 4), (32, 4), (8, 1)], ids=["mha", "gqa4", "gqa8", "mqa"])
+def test_decode_gqa_and_blocks(heads, block_size):
+    _skip_unless(128)
+    seq_lens = [block_size - 1, block_size, block_size + 1, 5 * block_size + 3]
+    batch = make_paged_batch([1] * 4, seq_lens, heads[0], heads[1], 128, block_size=block_size)
+    out = _decode(batch, 1)
+    r32, rlp, _ = reference_outputs(batch, ref.decode)
+    assert_attention_close(out, r32, rlp, 4)
+
+
+@pytest.mark.parametrize("q_len", [1, 2, 3, 5, 8])
+def test_decode_spec_verification_rows(q_len):
+    """Spec-decode verification: q_len > 1, causal aligned bottom-right; a mixed short row too."""
+    _skip_unless(128)
+    q_lens = [q_len, q_len, max(1, q_len - 1)]
+    batch = make_paged_batch(q_lens, [q_len, 70, 200], 16, 4, 128, seed=q_len)
+    sinks = torch.randn(16, device="cuda")
+    out = _decode(batch, q_len, window_left=50, softcap=20.0, sinks=sinks)
+    r32, rlp, _ = reference_outputs(batch, ref.decode, window_left=50, softcap=20.0, sinks=sinks)
+    assert_attention_close(out, r32, rlp, sum(q_lens))
+
+
+def test_decode_padded_rows_are_harmless():
+    """CUDA graphs pad the batch: rows with seq_len 0 (and query len 0 or 1) must give zeros
+    and leave the real rows intact."""
+    _skip_unless(128)
+    batch = make_paged_batch([1, 1, 1, 0], [50, 0, 17, 0], 8, 2, 128)
+    out = _decode(batch, 1)
+    assert torch.all(out[1] == 0)
+    r32, rlp, _ = reference_outputs(batch, ref.decode)
+    assert_attention_close(out, r32, rlp, 3)
+
+
+def test_decode_long_context_128k():
+    _skip_unless(128)
+    batch = make_paged_batch([1], [131072], 32, 8, 128, block_size=64, seed=3)
+    out = _decode(batch, 1, softmax_scale=128**-0.5)
+    r32, rlp, _ = reference_outputs(batch, ref.decode, softmax_scale=128**-0.5)
+    assert_attention_close(out, r32, rlp, 1)
+
+
+def test_decode_cuda_graph_replay_matches_eager():
+    """Capture once, then replay with new sequence lengths and block tables (written into the
+    captured buffers) and compare with eager calls on the same inputs."""
+    _skip_unless(128)
+    bsz, hq, hkv, d, bs, max_blocks = 8, 16, 4, 128, 16, 40
+    a = make_paged_batch([1] * bsz, [bs * max_blocks - 3] * bsz, hq, hkv, d, block_size=bs, seed=11)
+    query, kv_cache = a.query.clone(), a.kv_cache
+    block_table = torch.zeros(bsz, max_blocks, dtype=torch.int32, device="cuda")
+    block_table[:, : a.block_table.shape[1]] = a.block_table
+    cu, seq_lens = a.cu_seqlens_q.clone(), a.seq_lens.clone()
+    out = torch.empty_like(query)
+
+    def step():
+        ops.decode(out, query, kv_cache, block_table, cu, seq_lens, a.q_scale, a.k_scale, a.v_scale,
+                   0.1, 1, True, -1, 0.0, None, None)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    gen = torch.Generator().manual_seed(5)
+    num_blocks = kv_cache.shape[0]
+    for trial in range(3):
+        new_lens = torch.randint(0, bs * max_blocks - 3, (bsz,), generator=gen).int()
+        new_lens[0] = 0  # a padded row
+        seq_lens.copy_(new_lens)
+        block_table.copy_(torch.randint(0, num_blocks, (bsz, max_blocks), generator=gen).int())
+        query.copy_(torch.randn(query.shape, generator=gen).to(query.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = out.clone()
+        step()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, out), f"trial {trial}: graph replay differs from eager"
+        assert torch.all(replayed[0] == 0)

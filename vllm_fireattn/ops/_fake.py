@@ -1,0 +1,16 @@
+"""Fake (meta) kernels: every op mutates its outputs in place and returns nothing."""
+import torch
+
+
+@torch.library.register_fake("fireattn::cache_write")
+def _cache_write_fake(key, value, kv_cache, slot_mapping, k_scale, v_scale) -> None:
+    return None
+
+
+def _attention_fake(out, query, kv_cache, block_table, cu_seqlens_q, seq_lens, q_scale, k_scale, v_scale,
+                    softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse) -> None:
+    return None
+
+
+torch.library.register_fake("fireattn::prefill")(_attention_fake)
+torch.library.register_fake("fireattn::decode")(_attention_fake)
