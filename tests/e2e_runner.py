@@ -1,0 +1,97 @@
+"""Runs one vLLM engine configuration and prints a JSON result (used by test_vllm_e2e.py in a
+subprocess, so every configuration gets a clean process).
+
+Reports which attention impl each layer really uses (through LLM.apply_model), generated
+tokens and their logprobs, and prompt-token logprobs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model takes a function
+
+
+def _inspect_layers(model):
+    layers = []
+    for name, module in model.named_modules():
+        impl = getattr(module, "impl", None)
+        if impl is not None and hasattr(module, "kv_cache_dtype"):
+            layers.append({
+                "name": name,
+                "impl": f"{type(impl).__module__}.{type(impl).__qualname__}",
+                "kv_cache_dtype": module.kv_cache_dtype,
+                "sliding_window": getattr(impl, "sliding_window", None),
+            })
+    return layers
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--backend", default="FIREATTN")
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--skip-layers", nargs="*", default=[])
+    ap.add_argument("--dummy", action="store_true", help="dummy weights, token-id prompts")
+    ap.add_argument("--prompt-token-ids", help="JSON list of token-id lists (with --dummy)")
+    ap.add_argument("--prompts", help="JSON list of strings")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--prompt-logprobs", action="store_true")
+    ap.add_argument("--graphs", choices=["full_decode", "default", "eager"], default="full_decode")
+    ap.add_argument("--spec-ngram", type=int, default=0, help="ngram speculative tokens (0: off)")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    args = ap.parse_args(argv)
+
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(
+        model=args.model,
+        attention_backend=args.backend,
+        kv_cache_dtype=args.kv_cache_dtype,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        seed=0,
+        max_num_seqs=16,
+    )
+    if args.skip_layers:
+        kwargs["kv_cache_dtype_skip_layers"] = args.skip_layers
+    if args.dummy:
+        kwargs.update(load_format="dummy", skip_tokenizer_init=True)
+    if args.graphs == "eager":
+        kwargs["enforce_eager"] = True
+    elif args.graphs == "full_decode":  # full CUDA graphs for decode, no torch.compile: quick to start
+        kwargs["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
+                                        "max_cudagraph_capture_size": 16}
+    if args.spec_ngram:
+        kwargs["speculative_config"] = {"method": "ngram", "num_speculative_tokens": args.spec_ngram,
+                                        "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    llm = LLM(**kwargs)
+    layers = llm.apply_model(_inspect_layers)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=0, ignore_eos=args.dummy,
+                            prompt_logprobs=0 if args.prompt_logprobs else None)
+    if args.dummy:
+        prompts = [{"prompt_token_ids": ids} for ids in json.loads(args.prompt_token_ids)]
+    else:
+        prompts = json.loads(args.prompts)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    results = []
+    for o in outs:
+        c = o.outputs[0]
+        item = {
+            "token_ids": list(c.token_ids),
+            "text": c.text if not args.dummy else None,
+            "logprobs": [lp[tid].logprob for lp, tid in zip(c.logprobs, c.token_ids)],
+        }
+        if args.prompt_logprobs:
+            item["prompt_logprobs"] = [None if d is None else d[t].logprob
+                                       for d, t in zip(o.prompt_logprobs, o.prompt_token_ids)]
+        results.append(item)
+    print("E2E_RESULT " + json.dumps({"layers": layers, "outputs": results}))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
