@@ -28,6 +28,22 @@ def _inspect_layers(model):
     return layers
 
 
+def _hf_prompt_logprobs(model_dir: str, prompts: list[list[int]]) -> list[dict]:
+    """Ground truth: float32 transformers (eager attention) logprob of every prompt token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model = model.cuda().eval()
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids], device="cuda")
+            lp = torch.log_softmax(model(x).logits[0].float(), dim=-1)
+            out.append({"prompt_logprobs": [None] + lp[:-1].gather(1, x[0, 1:, None])[:, 0].tolist()})
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -43,7 +59,13 @@ def main(argv=None) -> None:
     ap.add_argument("--spec-ngram", type=int, default=0, help="ngram speculative tokens (0: off)")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    ap.add_argument("--top-logprobs", type=int, default=0, help="record the top-N logprobs of each step")
+    ap.add_argument("--hf-reference", action="store_true",
+                    help="no vLLM: float32 transformers prompt logprobs for --prompt-token-ids")
     args = ap.parse_args(argv)
+    if args.hf_reference:
+        print("E2E_RESULT " + json.dumps({"outputs": _hf_prompt_logprobs(args.model, json.loads(args.prompt_token_ids))}))
+        return
 
     from vllm import LLM, SamplingParams
 
@@ -70,7 +92,8 @@ def main(argv=None) -> None:
                                         "prompt_lookup_max": 4, "prompt_lookup_min": 2}
     llm = LLM(**kwargs)
     layers = llm.apply_model(_inspect_layers)[0]
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=0, ignore_eos=args.dummy,
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=args.top_logprobs,
+                            ignore_eos=args.dummy,
                             prompt_logprobs=0 if args.prompt_logprobs else None)
     if args.dummy:
         prompts = [{"prompt_token_ids": ids} for ids in json.loads(args.prompt_token_ids)]
@@ -81,10 +104,13 @@ def main(argv=None) -> None:
     for o in outs:
         c = o.outputs[0]
         item = {
+            "prompt_token_ids": list(o.prompt_token_ids),
             "token_ids": list(c.token_ids),
             "text": c.text if not args.dummy else None,
             "logprobs": [lp[tid].logprob for lp, tid in zip(c.logprobs, c.token_ids)],
         }
+        if args.top_logprobs:
+            item["top_logprobs"] = [{str(t): v.logprob for t, v in lp.items()} for lp in c.logprobs]
         if args.prompt_logprobs:
             item["prompt_logprobs"] = [None if d is None else d[t].logprob
                                        for d, t in zip(o.prompt_logprobs, o.prompt_token_ids)]

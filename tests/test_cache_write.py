@@ -42,7 +42,7 @@ def test_cache_write_bitwise(scale_mode, block_size, head_dim, fp8, dtype):
     ref.cache_write(key, value, want, slots, k_scale, v_scale)
     full = lambda t: t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)  # noqa: E731
     assert torch.equal(full(got).view(torch.uint8), full(want).view(torch.uint8))
-    if fp8:
+    if fp8 and scale_mode != "one":
         assert (got.view(torch.float8_e4m3fn).float().abs() == 448).any(), "test meant to exercise saturation"
 
 
