@@ -26,7 +26,8 @@ constexpr at::ScalarType scalar_type_of<__half>() { return at::kHalf; }
 void check_int32_vector(const at::Tensor& t, const char* op, const char* name, int64_t numel) {
   TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kInt && t.dim() == 1 && t.stride(0) == 1, "fireattn.", op,
               ": ", name, " must be a contiguous 1-D int32 CUDA tensor");
-  TORCH_CHECK(t.numel() == numel, "fireattn.", op, ": ", name, " must have ", numel, " elements, got ", t.numel());
+  TORCH_CHECK(t.numel() == numel, "fireattn.", op, ": ", name, " must have ", num(numel), " elements, got ",
+              num(t.numel()));
 }
 
 }  // namespace
@@ -41,16 +42,17 @@ void paged_attention(const char* op, at::Tensor& out, const at::Tensor& query, c
   check_kv_cache(kv_cache);
   const int64_t num_kv_heads = kv_cache.size(2), head_dim = kv_cache.size(4);
   TORCH_CHECK(query.is_cuda() && query.dim() == 3 && query.size(2) == head_dim && query.stride(2) == 1, "fireattn.",
-              op, ": query must be a CUDA tensor [num_tokens, num_q_heads, head_dim=", head_dim,
-              "] contiguous in head_dim, got ", query.sizes());
+              op, ": query must be a CUDA tensor [num_tokens, num_q_heads, head_dim=", num(head_dim),
+              "] contiguous in head_dim, got ", dims(query.sizes()));
   TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type() && out.stride(2) == 1,
               "fireattn.", op, ": out must match query's shape and dtype");
   const int64_t num_q_heads = query.size(1);
-  TORCH_CHECK(num_q_heads % num_kv_heads == 0, "fireattn.", op, ": num_q_heads ", num_q_heads,
-              " is not a multiple of num_kv_heads ", num_kv_heads);
+  TORCH_CHECK(num_q_heads % num_kv_heads == 0, "fireattn.", op, ": num_q_heads ", num(num_q_heads),
+              " is not a multiple of num_kv_heads ", num(num_kv_heads));
   const bool fp8 = is_fp8_cache(kv_cache);
   TORCH_CHECK(fp8 || kv_cache.scalar_type() == query.scalar_type(), "fireattn.", op, ": cache dtype ",
-              kv_cache.scalar_type(), " must be FP8 or match the query dtype ", query.scalar_type());
+              dtype_name(kv_cache.scalar_type()), " must be FP8 or match the query dtype ",
+              dtype_name(query.scalar_type()));
   const int64_t num_seqs = seq_lens.numel();
   check_int32_vector(seq_lens, op, "seq_lens", num_seqs);
   check_int32_vector(cu_seqlens_q, op, "cu_seqlens_q", num_seqs + 1);
@@ -119,7 +121,7 @@ void paged_attention(const char* op, at::Tensor& out, const at::Tensor& query, c
   }
   FIREATTN_ATTENTION_CONFIGS(FIREATTN_TRY_CONFIG)
 #undef FIREATTN_TRY_CONFIG
-  TORCH_CHECK(false, "fireattn.", op, ": no kernel compiled for head_dim=", head_dim, " dtype=", qt,
+  TORCH_CHECK(false, "fireattn.", op, ": no kernel compiled for head_dim=", num(head_dim), " dtype=", dtype_name(qt),
               " cache=", fp8 ? "fp8" : "same-as-query", " (this build has head dims {", FIREATTN_HEAD_DIMS_STR,
               "}; rebuild with FIREATTN_HEAD_DIMS / FIREATTN_DTYPES including it)");
 }

@@ -54,8 +54,8 @@ __global__ void __launch_bounds__(kThreads) cache_write_kernel(
 
 void check_rows(const at::Tensor& x, const char* name, int64_t num_kv_heads, int64_t head_dim) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 3 && x.size(1) == num_kv_heads && x.size(2) == head_dim,
-              "fireattn.cache_write: ", name, " must be a CUDA tensor [num_tokens, num_kv_heads=", num_kv_heads,
-              ", head_dim=", head_dim, "], got ", x.sizes());
+              "fireattn.cache_write: ", name, " must be a CUDA tensor [num_tokens, num_kv_heads=", num(num_kv_heads),
+              ", head_dim=", num(head_dim), "], got ", dims(x.sizes()));
   TORCH_CHECK(x.stride(2) == 1, "fireattn.cache_write: ", name, " must be contiguous in head_dim");
   TORCH_CHECK(x.stride(0) % kVec == 0 && x.stride(1) % kVec == 0 &&
                   reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
@@ -68,7 +68,7 @@ void cache_write(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_
                  const at::Tensor& slot_mapping, const at::Tensor& k_scale, const at::Tensor& v_scale) {
   check_kv_cache(kv_cache);
   const int64_t num_kv_heads = kv_cache.size(2), block_size = kv_cache.size(3), head_dim = kv_cache.size(4);
-  TORCH_CHECK(head_dim % kVec == 0, "fireattn.cache_write: head_dim must be a multiple of 8, got ", head_dim);
+  TORCH_CHECK(head_dim % kVec == 0, "fireattn.cache_write: head_dim must be a multiple of 8, got ", num(head_dim));
   check_rows(key, "key", num_kv_heads, head_dim);
   check_rows(value, "value", num_kv_heads, head_dim);
   TORCH_CHECK(key.scalar_type() == value.scalar_type(), "fireattn.cache_write: key and value dtypes differ");
@@ -79,7 +79,8 @@ void cache_write(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_
               "fireattn.cache_write: fewer key/value rows than slot_mapping entries");
   const bool fp8 = is_fp8_cache(kv_cache);
   TORCH_CHECK(fp8 || kv_cache.scalar_type() == key.scalar_type(), "fireattn.cache_write: cache dtype ",
-              kv_cache.scalar_type(), " does not match key dtype ", key.scalar_type(), " (and is not FP8)");
+              dtype_name(kv_cache.scalar_type()), " does not match key dtype ", dtype_name(key.scalar_type()),
+              " (and is not FP8)");
   const int ks = scale_stride(k_scale, num_kv_heads, "k_scale");
   const int vs = scale_stride(v_scale, num_kv_heads, "v_scale");
   if (num_tokens == 0) return;
@@ -104,7 +105,8 @@ void cache_write(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_
     if (fp8) FIREATTN_LAUNCH_CACHE_WRITE(__half, true);
     else FIREATTN_LAUNCH_CACHE_WRITE(__half, false);
   } else {
-    TORCH_CHECK(false, "fireattn.cache_write: key dtype must be bfloat16 or float16, got ", key.scalar_type());
+    TORCH_CHECK(false, "fireattn.cache_write: key dtype must be bfloat16 or float16, got ",
+                dtype_name(key.scalar_type()));
   }
 #undef FIREATTN_LAUNCH_CACHE_WRITE
   C10_CUDA_KERNEL_LAUNCH_CHECK();
