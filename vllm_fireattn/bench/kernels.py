@@ -1,0 +1,122 @@
+"""Prefill (TFLOP/s, causal-aware FLOPs) and decode (effective GB/s of KV read) benchmarks.
+
+Each shape builds one random paged KV cache per layout (ours: [blocks, 2, Hkv, bs, D]; FA3:
+separate K and V [blocks, bs, Hkv, D]), block size 16, and times FIREATTN (FP8 and BF16 caches)
+and FA3 (`vllm.vllm_flash_attn.flash_attn_varlen_func`, BF16 and FP8) with triton's do_bench
+(L2 flushed between reps, median).
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm_fireattn import ops
+
+BLOCK = 16
+PREFILL_HEADS = {64: (64, 8), 128: (32, 8), 256: (16, 4)}
+# (batch, seqlen, causal)
+PREFILL_SHAPES = [(1, 16384, True), (4, 4096, True), (1, 16384, False), (1, 4096, True), (8, 4096, True),
+                  (1, 32768, True)]
+DECODE_SHAPES = [(1, 32768), (1, 131072), (8, 8192), (8, 32768), (32, 32768), (64, 4096)]
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _setup(batch, seqlen, q_len, hq, hkv, d, dtype=torch.bfloat16):
+    blocks_per_seq = -(-seqlen // BLOCK)
+    nb = batch * blocks_per_seq
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(nb, BLOCK, hkv, d, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(nb, BLOCK, hkv, d, device="cuda", dtype=dtype, generator=g)
+    q = torch.randn(batch * q_len, hq, d, device="cuda", dtype=dtype, generator=g)
+    block_table = torch.randperm(nb, device="cuda", generator=g).int().view(batch, blocks_per_seq)
+    seq_lens = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
+    cu_q = torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device="cuda")
+    ours_bf16 = torch.stack([k, v], dim=1).permute(0, 1, 3, 2, 4).contiguous()  # [nb, 2, Hkv, bs, D]
+    one = torch.ones((), device="cuda")
+    ours_fp8 = (ours_bf16.float().clamp(-448, 448)).to(torch.float8_e4m3fn).view(torch.uint8)
+    return dict(q=q, k=k, v=v, block_table=block_table, seq_lens=seq_lens, cu_q=cu_q, ours_bf16=ours_bf16,
+                ours_fp8=ours_fp8, one=one)
+
+
+def _fa3(s, q_len, seqlen, causal, fp8, d):
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    batch, hkv = s["seq_lens"].numel(), s["k"].shape[2]
+    q, k, v = s["q"], s["k"], s["v"]
+    kw = {}
+    if fp8:
+        q, k, v = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
+        ds = s["one"].expand(batch, hkv)
+        kw = dict(q_descale=ds, k_descale=ds, v_descale=ds)
+    out = torch.empty(s["q"].shape, dtype=torch.bfloat16, device="cuda")
+    return lambda: flash_attn_varlen_func(q, k, v, q_len, s["cu_q"], seqlen, seqused_k=s["seq_lens"],
+                                          block_table=s["block_table"], causal=causal, softmax_scale=d**-0.5,
+                                          out=out, fa_version=3, **kw)
+
+
+def _ours(s, op, q_len, causal, fp8, d):
+    cache = s["ours_fp8"] if fp8 else s["ours_bf16"]
+    out = torch.empty_like(s["q"])
+    one = s["one"]
+    return lambda: op(out, s["q"], cache, s["block_table"], s["cu_q"], s["seq_lens"], one, one, one, d**-0.5,
+                      q_len, causal, -1, 0.0, None, None)
+
+
+def run(bench: str, quick: bool = False) -> list[dict]:
+    reason = ops.unavailable_reason()
+    if reason:
+        raise SystemExit(f"FIREATTN kernels unavailable: {reason}")
+    records = []
+    for d, (hq, hkv) in PREFILL_HEADS.items():
+        if d not in ops.compiled_head_dims():
+            continue
+        shapes = PREFILL_SHAPES if bench == "prefill" else DECODE_SHAPES
+        for shape in shapes[:2] if quick else shapes:
+            if bench == "prefill":
+                batch, seqlen, causal = shape
+                q_len = seqlen
+            else:
+                (batch, seqlen), causal, q_len = shape, True, 1
+            s = _setup(batch, seqlen, q_len, hq, hkv, d)
+            base = dict(bench=bench, head_dim=d, num_q_heads=hq, num_kv_heads=hkv, batch=batch, seqlen=seqlen,
+                        causal=causal, paged=True, block_size=BLOCK)
+            op = ops.prefill if bench == "prefill" else ops.decode
+            for impl, kv in (("fa3", "bf16"), ("fa3", "fp8"), ("fireattn", "bf16"), ("fireattn", "fp8")):
+                fn = _fa3(s, q_len, seqlen, causal, kv == "fp8", d) if impl == "fa3" else \
+                    _ours(s, op, q_len, causal, kv == "fp8", d)
+                ms = _bench(fn)
+                rec = dict(base, impl=impl, kv_dtype=kv, ms=ms)
+                if bench == "prefill":
+                    flops = 4 * batch * seqlen * seqlen * hq * d * (0.5 if causal else 1.0)
+                    rec["tflops"] = flops / ms / 1e9
+                else:
+                    kv_bytes = 2 * batch * seqlen * hkv * d * (1 if kv == "fp8" else 2)
+                    rec["gbps"] = kv_bytes / ms / 1e6
+                records.append(rec)
+            del s
+            torch.cuda.empty_cache()
+    _add_ratios(records)
+    return records
+
+
+def _add_ratios(records):
+    key = lambda r: (r["head_dim"], r["batch"], r["seqlen"], r["causal"])  # noqa: E731
+    fa_bf16 = {key(r): r["ms"] for r in records if r["impl"] == "fa3" and r["kv_dtype"] == "bf16"}
+    fa_fp8 = {key(r): r["ms"] for r in records if r["impl"] == "fa3" and r["kv_dtype"] == "fp8"}
+    for r in records:
+        r["time_vs_fa3_bf16"] = r["ms"] / fa_bf16[key(r)]
+        r["speedup_vs_fa3_fp8"] = fa_fp8[key(r)] / r["ms"]
+
+
+def print_table(records) -> None:
+    metric = "tflops" if records and "tflops" in records[0] else "gbps"
+    print(f"{'D':>4} {'batch':>5} {'seqlen':>7} {'causal':>6} {'impl':>9} {'kv':>5} {'ms':>9} {metric:>8} "
+          f"{'t/fa3bf16':>9} {'x fa3fp8':>8}")
+    for r in records:
+        print(f"{r['head_dim']:>4} {r['batch']:>5} {r['seqlen']:>7} {str(r['causal']):>6} {r['impl']:>9} "
+              f"{r['kv_dtype']:>5} {r['ms']:>9.3f} {r[metric]:>8.1f} {r['time_vs_fa3_bf16']:>9.2f} "
+              f"{r['speedup_vs_fa3_fp8']:>8.2f}")
