@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -20,6 +21,7 @@ def environment(command: str) -> dict:
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip()
     except OSError:
         commit = ""
+    commit = commit or os.environ.get("FIREATTN_GIT_COMMIT", "")  # device copies carry no .git
     driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                             capture_output=True, text=True).stdout.strip()
     return {"gpu": torch.cuda.get_device_name(), "driver": driver, "cuda": torch.version.cuda,
