@@ -15,7 +15,7 @@ import logging
 
 from vllm_fireattn import BACKEND_CLASS_PATH, BACKEND_NAME
 
-logger = logging.getLogger("vllm_fireattn")
+logger = logging.getLogger("vllm.fireattn")  # under vLLM's logger: same handlers
 
 SUPPORTED_VLLM_SERIES = ("0.26",)
 

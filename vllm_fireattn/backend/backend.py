@@ -33,7 +33,7 @@ from vllm_fireattn.backend._compat import (
     split_decodes_and_prefills,
 )
 
-logger = logging.getLogger("vllm_fireattn")
+logger = logging.getLogger("vllm.fireattn")  # under vLLM's logger: same handlers
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
 FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
