@@ -8,14 +8,6 @@ def _kernel_skip_reason() -> str | None:
     return None if reason is None else f"GPU tier skipped: {reason}"
 
 
-@pytest.fixture(scope="session")
-def cuda_kernels():
-    """Skips (with the reason) unless the compiled kernels and a Hopper GPU are here."""
-    reason = _kernel_skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-
-
 def pytest_collection_modifyitems(config, items):
     reason = None
     for item in items:

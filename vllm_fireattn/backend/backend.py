@@ -11,7 +11,6 @@ run by ops.decode, CUDA-graph safe) and prefill rows (ops.prefill).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,10 +29,10 @@ from vllm_fireattn.backend._compat import (
     MultipleOf,
     VllmConfig,
     is_quantized_kv_cache,
+    logger,
     split_decodes_and_prefills,
 )
 
-logger = logging.getLogger("vllm.fireattn")  # under vLLM's logger: same handlers
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
 FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
