@@ -17,20 +17,21 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache
             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, const at::Tensor& q_scale,
             const at::Tensor& k_scale, const at::Tensor& v_scale, double softmax_scale, int64_t max_query_len,
             bool causal, int64_t window_left, double softcap, const std::optional<at::Tensor>& sinks,
-            const std::optional<at::Tensor>& lse);
+            const std::optional<at::Tensor>& lse, int64_t num_splits);
 }  // namespace fireattn
 
-#define FIREATTN_ATTENTION_SCHEMA                                                                           \
+#define FIREATTN_ATTENTION_ARGS                                                                             \
   "(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor block_table, Tensor cu_seqlens_q, Tensor seq_lens, " \
   "Tensor q_scale, Tensor k_scale, Tensor v_scale, float softmax_scale, int max_query_len, bool causal, "     \
-  "int window_left, float softcap, Tensor? sinks, Tensor(b!)? lse) -> ()"
+  "int window_left, float softcap, Tensor? sinks, Tensor(b!)? lse"
 
 TORCH_LIBRARY(fireattn, m) {
   m.def(
       "cache_write(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, Tensor k_scale, "
       "Tensor v_scale) -> ()");
-  m.def("prefill" FIREATTN_ATTENTION_SCHEMA);
-  m.def("decode" FIREATTN_ATTENTION_SCHEMA);
+  m.def("prefill" FIREATTN_ATTENTION_ARGS ") -> ()");
+  // num_splits: the most splits of one sequence's keys (the plan; see vllm_fireattn/ops/plan.py).
+  m.def("decode" FIREATTN_ATTENTION_ARGS ", int num_splits=1) -> ()");
   m.def("compiled_head_dims() -> int[]", &fireattn::compiled_head_dims);
 }
 

@@ -71,8 +71,10 @@ def _builder(num_spec=None):
     spec_cfg = None if num_spec is None else SimpleNamespace(num_speculative_tokens=num_spec,
                                                              parallel_drafting=False)
     vllm_config = SimpleNamespace(speculative_config=spec_cfg,
-                                  parallel_config=SimpleNamespace(decode_context_parallel_size=1))
-    return B.FireAttnMetadataBuilder(SimpleNamespace(block_size=16), ["l0"], vllm_config, torch.device("cpu"))
+                                  parallel_config=SimpleNamespace(decode_context_parallel_size=1),
+                                  model_config=SimpleNamespace(get_num_attention_heads=lambda parallel_config: 8))
+    spec = SimpleNamespace(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.uint8)
+    return B.FireAttnMetadataBuilder(spec, ["l0"], vllm_config, torch.device("cpu"))
 
 
 def _common(q_lens, seq_lens, block_table, num_tokens=None):
@@ -147,8 +149,9 @@ class _ReferenceOps:
         ref.prefill(tmp, *a)
         out.copy_(tmp)
 
-    def decode(self, out, *a):
+    def decode(self, out, *a, num_splits=None):
         self.calls.append("decode")
+        self.decode_num_splits = num_splits
         tmp = out.double()
         ref.decode(tmp, *a)
         out.copy_(tmp)
@@ -193,6 +196,7 @@ def test_backend_pipeline_with_reference_ops(monkeypatch, kv):
     out = torch.full_like(query, float("nan"))
     impl.forward(layer, query, new_k, new_v, kv_cache, meta, out)
     assert fake.calls == ["cache_write", "decode", "prefill"]
+    assert fake.decode_num_splits == meta.decode_num_splits == ops.decode_num_splits(2, hq, hkv, 1, 64, True)
     assert not torch.isnan(out[:T]).any()
 
     want = torch.zeros(T, hq, d, dtype=torch.float64)
@@ -200,7 +204,7 @@ def test_backend_pipeline_with_reference_ops(monkeypatch, kv):
     for i in range(4):
         k, v = ref.gather_kv(kv_cache, full_bt[i], seq_lens[i], ctx.k_scale, ctx.v_scale)
         q = query[qsl[i] : qsl[i + 1]].double()
-        if kv == "fp8":
+        if kv == "fp8" and i >= meta.num_decodes:  # prefill quantizes Q; decode keeps it 16-bit
             q = ref.attention._quantized_query(query[qsl[i] : qsl[i + 1]], ctx.q_scale, hkv, torch.float64)
         want[qsl[i] : qsl[i + 1]] = ref.attend(q, k, v, d**-0.5)[0]
     torch.testing.assert_close(out[:T].double(), want, atol=2e-2, rtol=1e-2)
@@ -211,3 +215,14 @@ def test_profiling_run_zeroes_output():
     out = torch.ones(3, 8, 128)
     impl.forward(None, out, None, None, None, None, out)
     assert torch.all(out == 0)
+
+
+def test_decode_plan_is_static():
+    """The scheduler reads no sequence lengths: one wave of CTAs from static shapes."""
+    plan = ops.decode_num_splits
+    assert plan(1, 32, 8, 1, 128, True, num_sms=132) == 66
+    assert plan(8, 32, 8, 1, 128, True, num_sms=132) == 8
+    assert plan(64, 32, 8, 1, 128, True, num_sms=132) == 1
+    assert plan(256, 32, 8, 1, 128, True, num_sms=132) == 1
+    assert plan(1, 64, 8, 4, 128, True, num_sms=132) == 16  # 32 rows = 4 row tiles per head
+    assert plan(8, 16, 4, 1, 256, True, num_sms=132) == 12  # 3 CTAs per SM at head_dim 256

@@ -1,4 +1,5 @@
-"""GPU: ops.decode vs the reference, padded rows, and CUDA-graph capture/replay."""
+"""GPU: ops.decode (the split-KV tensor-core kernel) vs the reference: shapes, split counts,
+masks, padded rows, garbage past the end of a sequence, and CUDA-graph capture/replay."""
 import pytest
 import torch
 
@@ -12,7 +13,8 @@ pytestmark = pytest.mark.gpu
 def _decode(batch, max_query_len, out=None, **kw):
     out = torch.full_like(batch.query, float("nan")) if out is None else out
     ops.decode(out, *batch.args(), kw.get("softmax_scale", 0.125), max_query_len, True,
-               kw.get("window_left", -1), kw.get("softcap", 0.0), kw.get("sinks"), None)
+               kw.get("window_left", -1), kw.get("softcap", 0.0), kw.get("sinks"), kw.get("lse"),
+               num_splits=kw.get("num_splits"))
     return out
 
 
@@ -35,7 +37,7 @@ def test_decode_grid(q_len, batch_size, context, head_dim, fp8):
     assert_attention_close(out, r32, rlp, q_len * batch_size)
 
 
-@pytest.mark.parametrize("block_size", [16, 32, 64])
+@pytest.mark.parametrize("block_size", [16, 32, 48, 64])
 @pytest.mark.parametrize("heads", [(4, 4), (16, 4), (32, 4), (8, 1)], ids=["mha", "gqa4", "gqa8", "mqa"])
 def test_decode_gqa_and_blocks(heads, block_size):
     _skip_unless(128)
@@ -89,7 +91,7 @@ def test_decode_cuda_graph_replay_matches_eager():
     cu, seq_lens = a.cu_seqlens_q.clone(), a.seq_lens.clone()
     out = torch.empty_like(query)
 
-    def step():
+    def step():  # the plan for 8 sequences x 4 KV heads splits long sequences (combine kernel too)
         ops.decode(out, query, kv_cache, block_table, cu, seq_lens, a.q_scale, a.k_scale, a.v_scale,
                    0.1, 1, True, -1, 0.0, None, None)
 
@@ -113,3 +115,72 @@ def test_decode_cuda_graph_replay_matches_eager():
         torch.cuda.synchronize()
         assert torch.equal(replayed, out), f"trial {trial}: graph replay differs from eager"
         assert torch.all(replayed[0] == 0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 64])
+@pytest.mark.parametrize("window_left", [-1, 700])
+def test_decode_split_counts(num_splits, window_left):
+    """Split-KV: every split count gives the reference result and LSE, at lengths around the
+    256-key split minimum and with a window that moves the range start off a tile boundary."""
+    _skip_unless(128)
+    seq_lens = [1, 255, 256, 257, 1500, 9000, 4097]
+    q_lens = [1, 1, 1, 2, 1, 3, 1]
+    batch = make_paged_batch(q_lens, seq_lens, 16, 4, 128, seed=num_splits)
+    rows = sum(q_lens)
+    lse = torch.full((16, rows), float("nan"), device="cuda")
+    out = _decode(batch, 3, window_left=window_left, num_splits=num_splits, lse=lse)
+    r32, rlp, rlse = reference_outputs(batch, ref.decode, window_left=window_left)
+    assert_attention_close(out, r32, rlp, rows)
+    torch.testing.assert_close(lse.double(), rlse[:, :rows], atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_decode_splits_with_sinks_softcap_window(head_dim):
+    _skip_unless(head_dim)
+    seq_lens, q_lens = [3000, 700, 5], [2, 1, 1]
+    batch = make_paged_batch(q_lens, seq_lens, 8, 2, head_dim, block_size=32, seed=head_dim)
+    sinks = torch.randn(8, device="cuda") * 3
+    kw = dict(window_left=1000, softcap=15.0, sinks=sinks, softmax_scale=head_dim**-0.5)
+    lse = torch.zeros(8, 4, device="cuda")
+    out = _decode(batch, 2, num_splits=9, lse=lse, **kw)
+    r32, rlp, rlse = reference_outputs(batch, ref.decode, **kw)
+    assert_attention_close(out, r32, rlp, 4)
+    torch.testing.assert_close(lse.double(), rlse[:, :4], atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_decode_fp16(head_dim):
+    _skip_unless(head_dim)
+    for fp8 in (True, False):
+        batch = make_paged_batch([1, 2], [600, 90], 8, 1, head_dim, dtype=torch.float16, fp8=fp8)
+        try:
+            out = _decode(batch, 2, num_splits=3)
+        except RuntimeError as e:
+            if "no kernel compiled" in str(e):
+                pytest.skip("fp16 kernels not compiled in this build (FIREATTN_DTYPES)")
+            raise
+        r32, rlp, _ = reference_outputs(batch, ref.decode)
+        assert_attention_close(out, r32, rlp, 3)
+
+
+def test_decode_ignores_garbage_past_the_end():
+    """Cache slots past seq_len hold whatever the allocator left (here NaN bytes): P is 0 there
+    and must not turn into 0 * NaN."""
+    _skip_unless(128)
+    batch = make_paged_batch([1, 1], [37, 300], 16, 4, 128, seed=2)
+    raw = batch.kv_cache.view(torch.uint8)
+    for b, s in enumerate(batch.seq_lens.tolist()):
+        last = int(batch.block_table[b, (s - 1) // 16])
+        raw[last, :, :, s % 16 or 16:, :] = 0x7F  # e4m3 NaN
+    for num_splits in (1, 2):
+        out = _decode(batch, 1, num_splits=num_splits)
+        r32, rlp, _ = reference_outputs(batch, ref.decode)
+        assert_attention_close(out, r32, rlp, 2)
+
+
+def test_decode_rejects_bad_arguments():
+    _skip_unless(128)
+    batch = make_paged_batch([1], [20], 8, 2, 128)
+    with pytest.raises(RuntimeError, match="num_splits must be in"):
+        _decode(batch, 1, num_splits=0)
+

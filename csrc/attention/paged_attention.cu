@@ -16,13 +16,6 @@ FIREATTN_ATTENTION_CONFIGS(FIREATTN_DECLARE_CONFIG)
 
 namespace {
 
-template <typename T>
-constexpr at::ScalarType scalar_type_of();
-template <>
-constexpr at::ScalarType scalar_type_of<__nv_bfloat16>() { return at::kBFloat16; }
-template <>
-constexpr at::ScalarType scalar_type_of<__half>() { return at::kHalf; }
-
 void check_int32_vector(const at::Tensor& t, const char* op, const char* name, int64_t numel) {
   TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kInt && t.dim() == 1 && t.stride(0) == 1, "fireattn.", op,
               ": ", name, " must be a contiguous 1-D int32 CUDA tensor");
@@ -34,11 +27,13 @@ void check_int32_vector(const at::Tensor& t, const char* op, const char* name, i
 
 std::vector<int64_t> compiled_head_dims() { return {FIREATTN_HEAD_DIMS}; }
 
-void paged_attention(const char* op, at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
-                     const at::Tensor& block_table, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
-                     const at::Tensor& q_scale, const at::Tensor& k_scale, const at::Tensor& v_scale,
-                     double softmax_scale, int64_t max_query_len, bool causal, int64_t window_left, double softcap,
-                     const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& lse) {
+AttentionParams make_attention_params(const char* op, at::Tensor& out, const at::Tensor& query,
+                                      const at::Tensor& kv_cache, const at::Tensor& block_table,
+                                      const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                                      const at::Tensor& q_scale, const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                      double softmax_scale, int64_t max_query_len, bool causal, int64_t window_left,
+                                      double softcap, const std::optional<at::Tensor>& sinks,
+                                      const std::optional<at::Tensor>& lse) {
   check_kv_cache(kv_cache);
   const int64_t num_kv_heads = kv_cache.size(2), head_dim = kv_cache.size(4);
   TORCH_CHECK(query.is_cuda() && query.dim() == 3 && query.size(2) == head_dim && query.stride(2) == 1, "fireattn.",
@@ -107,7 +102,19 @@ void paged_attention(const char* op, at::Tensor& out, const at::Tensor& query, c
   p.num_seqs = static_cast<int>(num_seqs);
   p.num_q_heads = static_cast<int>(num_q_heads);
   p.num_kv_heads = static_cast<int>(num_kv_heads);
+  return p;
+}
 
+void paged_attention(const char* op, at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                     const at::Tensor& block_table, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                     const at::Tensor& q_scale, const at::Tensor& k_scale, const at::Tensor& v_scale,
+                     double softmax_scale, int64_t max_query_len, bool causal, int64_t window_left, double softcap,
+                     const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& lse) {
+  const AttentionParams p = make_attention_params(op, out, query, kv_cache, block_table, cu_seqlens_q, seq_lens,
+                                                  q_scale, k_scale, v_scale, softmax_scale, max_query_len, causal,
+                                                  window_left, softcap, sinks, lse);
+  const bool fp8 = is_fp8_cache(kv_cache);
+  const int64_t head_dim = kv_cache.size(4);
   const at::cuda::OptionalCUDAGuard guard(query.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::ScalarType qt = query.scalar_type();
@@ -121,6 +128,10 @@ void paged_attention(const char* op, at::Tensor& out, const at::Tensor& query, c
   }
   FIREATTN_ATTENTION_CONFIGS(FIREATTN_TRY_CONFIG)
 #undef FIREATTN_TRY_CONFIG
+  fail_no_kernel(op, head_dim, qt, fp8);
+}
+
+void fail_no_kernel(const char* op, int64_t head_dim, at::ScalarType qt, bool fp8) {
   TORCH_CHECK(false, "fireattn.", op, ": no kernel compiled for head_dim=", num(head_dim), " dtype=", dtype_name(qt),
               " cache=", fp8 ? "fp8" : "same-as-query", " (this build has head dims {", FIREATTN_HEAD_DIMS_STR,
               "}; rebuild with FIREATTN_HEAD_DIMS / FIREATTN_DTYPES including it)");

@@ -32,6 +32,7 @@ from vllm_fireattn.backend._compat import (
     logger,
     split_decodes_and_prefills,
 )
+from vllm_fireattn.ops.plan import decode_num_splits
 
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
@@ -165,6 +166,7 @@ class FireAttnMetadata:
     num_decodes: int
     num_decode_tokens: int
     decode_max_query_len: int  # static bound (1 + num_speculative_tokens): fixes the graph's grid
+    decode_num_splits: int  # the split-KV plan (ops.decode_num_splits), made once per step
     num_prefills: int
     num_prefill_tokens: int
     # Per-part views, sliced once per step instead of once per layer.
@@ -186,6 +188,12 @@ class FireAttnMetadataBuilder(AttentionMetadataBuilder[FireAttnMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
         self.decode_max_query_len = self.reorder_batch_threshold or 1
+        self.num_kv_heads = getattr(kv_cache_spec, "num_kv_heads", 1)
+        self.head_size = getattr(kv_cache_spec, "head_size", 128)
+        self.fp8_cache = getattr(kv_cache_spec, "dtype", None) in (torch.uint8, torch.float8_e4m3fn)
+        model_config = getattr(vllm_config, "model_config", None)
+        self.num_q_heads = (model_config.get_num_attention_heads(vllm_config.parallel_config)
+                            if model_config is not None else self.num_kv_heads)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FireAttnMetadata:
@@ -207,6 +215,9 @@ class FireAttnMetadataBuilder(AttentionMetadataBuilder[FireAttnMetadata]):
             num_decodes=num_decodes,
             num_decode_tokens=num_decode_tokens,
             decode_max_query_len=self.decode_max_query_len,
+            # Static shapes only (the padded batch size under CUDA graphs), so capture and replay agree.
+            decode_num_splits=decode_num_splits(num_decodes, self.num_q_heads, self.num_kv_heads,
+                                                self.decode_max_query_len, self.head_size, self.fp8_cache),
             num_prefills=num_prefills,
             num_prefill_tokens=num_prefill_tokens,
             decode_query_start_loc=cm.query_start_loc[: num_decodes + 1],
@@ -311,7 +322,7 @@ class FireAttnImpl(AttentionImpl[FireAttnMetadata]):
             ops.decode(
                 output, query, kv_cache, m.decode_block_table, m.decode_query_start_loc, m.decode_seq_lens,
                 *scales, self.scale, m.decode_max_query_len, True, self.window_left, self.logits_soft_cap,
-                sinks, None,
+                sinks, None, num_splits=m.decode_num_splits,
             )
         if m.num_prefills > 0:
             ops.prefill(

@@ -1,4 +1,5 @@
-"""python -m vllm_fireattn.bench {prefill,decode} [--quick] [--out FILE.json]"""
+"""python -m vllm_fireattn.bench {prefill,decode} [--quick] [--out FILE.json]
+   python -m vllm_fireattn.bench plot FILE.json [--png FILE.png]"""
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,19 @@ def environment(command: str) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m vllm_fireattn.bench", description=__doc__)
-    ap.add_argument("bench", choices=["prefill", "decode"])
+    ap.add_argument("bench", choices=["prefill", "decode", "plot"])
+    ap.add_argument("json", nargs="?", help="plot: the benchmark JSON to plot")
     ap.add_argument("--quick", action="store_true", help="the anchor shapes only")
     ap.add_argument("--out", help="write {env, records} JSON here")
+    ap.add_argument("--png", help="plot: output PNG (default: the JSON's name with .png)")
     args = ap.parse_args(argv)
+    if args.bench == "plot":
+        if not args.json:
+            ap.error("plot needs the benchmark JSON file")
+        from vllm_fireattn.bench.plot import plot
+
+        print(f"wrote {plot(args.json, args.png)}")
+        return
     records = kernels.run(args.bench, quick=args.quick)
     kernels.print_table(records)
     if args.out:

@@ -16,7 +16,9 @@ PREFILL_HEADS = {64: (64, 8), 128: (32, 8), 256: (16, 4)}
 # (batch, seqlen, causal)
 PREFILL_SHAPES = [(1, 16384, True), (4, 4096, True), (1, 16384, False), (1, 4096, True), (8, 4096, True),
                   (1, 32768, True)]
-DECODE_SHAPES = [(1, 32768), (1, 131072), (8, 8192), (8, 32768), (32, 32768), (64, 4096)]
+# (batch, context): ANCHORS.md's shapes plus a batch-8 context sweep for the plot.
+DECODE_SHAPES = [(8, 32768), (1, 131072), (8, 8192), (64, 4096), (1, 32768), (8, 4096), (8, 16384), (8, 65536),
+                 (32, 32768)]
 
 
 def _bench(fn) -> float:

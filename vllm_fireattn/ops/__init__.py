@@ -14,12 +14,14 @@ from vllm_fireattn.ops._library import (
     require,
     unavailable_reason,
 )
+from vllm_fireattn.ops.plan import decode_num_splits
 
 __all__ = [
     "FireAttnUnavailableError",
     "cache_write",
     "compiled_head_dims",
     "decode",
+    "decode_num_splits",
     "is_available",
     "prefill",
     "unavailable_reason",
@@ -83,10 +85,18 @@ def decode(
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    num_splits: int | None = None,
 ) -> None:
-    """Decode / spec-verification rows; max_query_len is a static bound (CUDA-graph safe)."""
+    """Decode / spec-verification rows; max_query_len is a static bound (CUDA-graph safe).
+
+    num_splits: the most splits of one sequence's keys (split-KV); None asks the scheduler
+    (ops.decode_num_splits), which depends only on static shapes.
+    """
     require()
+    if num_splits is None:
+        num_splits = decode_num_splits(seq_lens.numel(), query.shape[1], kv_cache.shape[2], max_query_len,
+                                       kv_cache.shape[4], kv_cache.dtype in (torch.uint8, torch.float8_e4m3fn))
     torch.ops.fireattn.decode(
         out, query, kv_cache, block_table, cu_seqlens_q, seq_lens, q_scale, k_scale, v_scale,
-        softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse,
+        softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse, num_splits,
     )

@@ -7,10 +7,13 @@ def _cache_write_fake(key, value, kv_cache, slot_mapping, k_scale, v_scale) -> N
     return None
 
 
-def _attention_fake(out, query, kv_cache, block_table, cu_seqlens_q, seq_lens, q_scale, k_scale, v_scale,
-                    softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse) -> None:
+@torch.library.register_fake("fireattn::prefill")
+def _prefill_fake(out, query, kv_cache, block_table, cu_seqlens_q, seq_lens, q_scale, k_scale, v_scale,
+                  softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse) -> None:
     return None
 
 
-torch.library.register_fake("fireattn::prefill")(_attention_fake)
-torch.library.register_fake("fireattn::decode")(_attention_fake)
+@torch.library.register_fake("fireattn::decode")
+def _decode_fake(out, query, kv_cache, block_table, cu_seqlens_q, seq_lens, q_scale, k_scale, v_scale,
+                 softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse, num_splits=1) -> None:
+    return None

@@ -193,6 +193,10 @@ def prefill(
             lse[:, q0:q1] = row_lse.to(lse.dtype)
 
 
-def decode(*args, **kwargs) -> None:
-    """Same as prefill (decode rows are short varlen rows); mirrors vllm_fireattn.ops.decode."""
-    prefill(*args, **kwargs)
+def decode(*args, num_splits: int | None = None, precision: str = "kernel", **kwargs) -> None:
+    """Mirrors vllm_fireattn.ops.decode (num_splits changes only the work split, not the math).
+
+    The decode kernel keeps the query in 16 bits (no FP8 quantization of Q) and widens FP8 K/V
+    exactly, so its "kernel" precision is "exact" on the stored cache.
+    """
+    prefill(*args, precision="exact" if precision == "kernel" else precision, **kwargs)

@@ -1,0 +1,621 @@
+// The FIREATTN decode kernel: split-KV paged attention for decode and spec-verification rows,
+// built to stream the KV cache at the memory-bandwidth limit.
+//
+// Work split. A "row" is a (query token, query head of one KV head's group) pair; 8 rows form a
+// row tile (the N=8 side of one tensor-core MMA), so a GQA group shares every K/V byte loaded.
+// One CTA = (split, row tile, KV head, sequence); its 4 warps stream disjoint stages of the
+// split's key range, each with its own online softmax, and merge through shared memory at the
+// end. A sequence's key range is cut into at most `num_splits` splits (>= kMinSplitKeys keys
+// each, derived in-kernel from seq_len), so the grid depends only on static shapes and a CUDA
+// graph replays with any seq_lens; a second kernel merges the splits' partial results.
+//
+// Tensor cores with keys on the M side. S^T[16 keys x 8 rows] = K[16 x D] . Q^T and
+// O^T[D x 8 rows] += V^T[D x 16 keys] . P^T, both m16n8k16 with FP32 accumulators. Each lane
+// loads K/V straight from global memory into registers in the exact fragment order (no shared
+// memory staging): QK^T permutes the head dim (Q is stored in the same permuted order), PV
+// permutes nothing but transposes V in registers with byte permutes, and P^T comes from the S^T
+// accumulator through movmatrix.trans.
+//
+// Numerics. FP8 (e4m3) K/V are widened exactly to FP16 in registers (K by cvt.f16x2.e4m3x2, V by
+// integer bit moves that also transpose it, as value * 2^-8, undone by the output scale); the
+// query stays 16-bit: BF16 queries are rescaled per row by a power of two into FP16 range, which
+// is exact. So the only quantization is the cache's own; K/V scales are applied to the FP32
+// scores and output. P is rounded to the MMA type (FP16, or BF16 for BF16 caches).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include <type_traits>
+
+#include "common/attention_params.h"
+
+namespace fireattn {
+
+struct DecodeParams {
+  AttentionParams a;
+  float* part_out;  // [num_seqs, Hkv, row_tiles, num_splits, 8, D] split outputs (normalized, v-scaled)
+  float* part_lse;  // [num_seqs, Hkv, row_tiles, num_splits, 8] split log2-sum-exp
+  int num_splits;   // splits per sequence at most (static: the grid depends on it)
+  int row_tiles;    // ceil(group * max_query_len / 8)
+  int group;        // query heads per KV head
+  int block_shift;  // log2(block_size) when it is a power of two, else -1
+};
+
+constexpr int kDecodeMinSplitKeys = 256;
+constexpr int kDecodeMaxSplits = 256;
+
+// A sequence's key range [begin, end) (begin aligned down to 16) and its split count.
+struct SplitRange {
+  int begin, end, splits, chunk;
+};
+
+__device__ __forceinline__ SplitRange decode_split_range(int seq_len, int q_len, int window_left, int num_splits) {
+  SplitRange r;
+  r.end = seq_len;
+  const int first_pos = seq_len - q_len;
+  r.begin = (window_left >= 0 && first_pos - window_left > 0) ? ((first_pos - window_left) & ~15) : 0;
+  const int len = r.end > r.begin ? r.end - r.begin : 0;
+  const int by_size = (len + kDecodeMinSplitKeys - 1) / kDecodeMinSplitKeys;
+  r.splits = max(1, min(num_splits, by_size));
+  r.chunk = ((len + r.splits - 1) / r.splits + 15) & ~15;
+  return r;
+}
+
+template <typename QT, bool kFp8, int D>
+struct DecodeConfig {
+  // MMA operand type: FP16 for FP8 caches (exact widening) and FP16 models, else BF16.
+  using MT = std::conditional_t<kFp8 || std::is_same_v<QT, __half>, __half, __nv_bfloat16>;
+  static constexpr int kElem = kFp8 ? 1 : 2;  // cache bytes per element
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRows = 8;
+  static constexpr int kRowBytes = D * kElem;
+  // One stage = 4 KB of K (and of V) per warp: enough bytes in flight, bounded registers.
+  static constexpr int kStageKeys = (4096 / kRowBytes) < 16 ? 16 : 4096 / kRowBytes;
+  static constexpr int kSubs = kStageKeys / 16;  // 16-key sub-tiles per stage
+  static constexpr int kKSteps = D / 16;         // QK^T k-steps (head dim)
+  static constexpr int kMTiles = D / 16;         // PV m-tiles (head dim)
+  // K: a lane holds rows g and g+8 of a sub-tile, kKChunks 16-byte chunks of each.
+  static constexpr int kKChunks = kRowBytes / 64;
+  static constexpr int kKWords = kKChunks * 4;
+  static constexpr int kPairsPerChunk = 8 / kElem;  // 16-bit pairs per chunk once widened
+  // V: a lane holds keys 2t, 2t+1, 2t+8, 2t+9 of a sub-tile, D/8 dims (kVBytes) of each.
+  static constexpr int kVBytes = kRowBytes / 8;
+  static constexpr int kVWords = kVBytes / 4;
+  // CTAs resident per SM (register cap via __launch_bounds__); the scheduler plans one wave of
+  // them (vllm_fireattn/ops/plan.py: CTAS_PER_SM must match).
+  static constexpr int kMinBlocks = D < 256 ? 4 : (kFp8 ? 3 : 2);
+  static_assert(D % 64 == 0, "head_dim must be a multiple of 64");
+  static_assert(kVBytes % 8 == 0, "V loads are 8 or 16 bytes wide");
+};
+
+// ---- PTX helpers -------------------------------------------------------------------------
+
+__device__ __forceinline__ uint4 ld_stream16(const uint8_t* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ uint2 ld_stream8(const uint8_t* p) {
+  uint2 r;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+  return r;
+}
+
+template <typename MT>
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<MT, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// 2^x on the special-function unit (2 ulp; -inf -> 0), as flash attention kernels use it.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Transposes an 8x8 16-bit matrix held one row-pair per lane (the MMA fragment layout).
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// Four e4m3 bytes -> two FP16x2 (bytes 0,1 and bytes 2,3), exactly (conversion pipe).
+__device__ __forceinline__ void e4m3x4_to_f16x2x2(uint32_t x, uint32_t& lo, uint32_t& hi) {
+  asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.rn.f16x2.e4m3x2 %0, l;\ncvt.rn.f16x2.e4m3x2 %1, h;\n}"
+      : "=r"(lo), "=r"(hi)
+      : "r"(x));
+}
+
+// Byte `kByte` of a and of b -> FP16x2 {a's, b's} equal to the e4m3 values times 2^-8, on the
+// integer pipes: the byte permute that gathers them also transposes V. An e4m3 byte s.eeee.mmm
+// placed at bits 15..8 becomes the FP16 s.0eeee.mmm0000000 by one shift (subnormals included).
+template <int kByte>
+__device__ __forceinline__ uint32_t e4m3_pair_to_f16x2_scaled(uint32_t a, uint32_t b) {
+  constexpr uint32_t kSel = kByte | (kByte << 4) | ((4 + kByte) << 8) | ((4 + kByte) << 12);
+  const uint32_t y = __byte_perm(a, b, kSel);  // bytes 1 and 3 matter; 0 and 2 are masked off
+  return (y & 0x80008000u) | ((y >> 1) & 0x3F803F80u);
+}
+
+template <typename MT>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<MT, __half>) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+template <typename MT>
+__device__ __forceinline__ MT to_mma_type(float x) {
+  if constexpr (std::is_same_v<MT, __half>) {
+    return __float2half_rn(x);
+  } else {
+    return __float2bfloat16_rn(x);
+  }
+}
+
+template <typename QT>
+__device__ __forceinline__ float load_float(const QT* p) {
+  if constexpr (std::is_same_v<QT, __half>) {
+    return __half2float(*p);
+  } else {
+    return __bfloat162float(*p);
+  }
+}
+
+template <typename QT>
+__device__ __forceinline__ QT store_type(float x) {
+  if constexpr (std::is_same_v<QT, __half>) {
+    return __float2half_rn(x);
+  } else {
+    return __float2bfloat16_rn(x);
+  }
+}
+
+// Physical head-dim index of 16-bit pair j (of D/8) held by quad lane t in the QK^T operands:
+// lane t loads 16-byte chunks t, t+4, t+8, ... of a key row, and its pairs are taken in order.
+template <typename Cfg>
+__device__ __forceinline__ int qk_pair_dim(int t, int j) {
+  return (t + 4 * (j / Cfg::kPairsPerChunk)) * (2 * Cfg::kPairsPerChunk) + 2 * (j % Cfg::kPairsPerChunk);
+}
+
+// ---- the split-KV kernel -----------------------------------------------------------------
+
+template <typename QT, bool kFp8, int D>
+__global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeConfig<QT, kFp8, D>::kMinBlocks)
+    decode_kernel(const DecodeParams dp) {
+  using Cfg = DecodeConfig<QT, kFp8, D>;
+  using MT = typename Cfg::MT;
+  constexpr int kRows = Cfg::kRows, kSubs = Cfg::kSubs, kStageKeys = Cfg::kStageKeys;
+  const AttentionParams& p = dp.a;
+
+  const int seq = blockIdx.z, kvh = blockIdx.y;
+  const int split = blockIdx.x / dp.row_tiles, rt = blockIdx.x % dp.row_tiles;
+  const int q_begin = p.cu_seqlens_q[seq];
+  const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
+  const int seq_len = p.seq_lens[seq];
+  const int rows_total = q_len * dp.group;
+  if (rt * kRows >= rows_total) return;  // padded rows or a short spec-verify row
+  const SplitRange range = decode_split_range(seq_len, q_len, p.window_left, dp.num_splits);
+  if (split >= range.splits) return;
+  const int k_begin = range.begin + split * range.chunk;
+  const int k_end = min(range.end, k_begin + range.chunk);
+  const int num_stages = k_end > k_begin ? (k_end - k_begin + kStageKeys - 1) / kStageKeys : 0;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+
+  __shared__ __align__(16) uint32_t q_frag[Cfg::kKSteps][32][2];
+  __shared__ float row_mult[kRows];
+  __shared__ __align__(16) float merge_o[Cfg::kWarps][kRows][D];
+  __shared__ float merge_m[Cfg::kWarps][kRows], merge_l[Cfg::kWarps][kRows];
+
+  // ---- Q: 8 rows to 16-bit MMA fragments in shared memory (per-row power-of-two prescale) ----
+  const float k_scale = kFp8 ? p.k_scale[kvh * p.k_scale_stride] : 1.f;
+  // FP8 V is widened as value * 2^-8 (e4m3_pair_to_f16x2_scaled); the output scale undoes it.
+  const float v_scale = kFp8 ? p.v_scale[kvh * p.v_scale_stride] * 256.f : 1.f;
+  auto row_q = [&](int r) -> const QT* {
+    const int row = rt * kRows + r;
+    const int token = q_begin + row / dp.group, head = kvh * dp.group + row % dp.group;
+    return static_cast<const QT*>(p.q) + token * p.q_tok_stride + head * p.q_head_stride;
+  };
+  for (int r = warp; r < kRows; r += Cfg::kWarps) {
+    float amax = 0.f;
+    if (rt * kRows + r < rows_total) {
+      const QT* q = row_q(r);
+      for (int d = lane; d < D; d += 32) amax = fmaxf(amax, fabsf(load_float(q + d)));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (lane == 0) {
+      // FP16 MMA: bring the row's max into [2^14, 2^15) by a power of two (exact for BF16 input).
+      float mult = 1.f;
+      if (std::is_same_v<MT, __half> && amax > 0.f && isfinite(amax)) mult = exp2f(static_cast<float>(14 - ilogbf(amax)));
+      row_mult[r] = mult;
+    }
+  }
+  __syncthreads();
+  for (int e = tid; e < Cfg::kKSteps * 32; e += Cfg::kThreads) {
+    const int ks = e / 32, ln = e % 32, fg = ln / 4, ft = ln % 4;
+    uint32_t regs[2] = {0u, 0u};
+    if (rt * kRows + fg < rows_total) {
+      const QT* q = row_q(fg);
+      const float mult = row_mult[fg];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int d = qk_pair_dim<Cfg>(ft, 2 * ks + h);
+        regs[h] = pack2<MT>(load_float(q + d) * mult, load_float(q + d + 1) * mult);
+      }
+    }
+    q_frag[ks][ln][0] = regs[0];
+    q_frag[ks][ln][1] = regs[1];
+  }
+  __syncthreads();
+
+  // ---- per-lane score scale and visible-key window for its two rows (columns 2t, 2t+1) ----
+  constexpr float kLog2e = 1.4426950408889634f;
+  float score_mult[2];
+  int key_lo[2], key_hi[2];
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int r = 2 * t + c, row = rt * kRows + r;
+    const float base = p.softmax_scale * k_scale / row_mult[r];
+    score_mult[c] = p.softcap > 0.f ? base / p.softcap : base * kLog2e;
+    if (row < rows_total) {
+      const int pos = seq_len - q_len + row / dp.group;  // bottom-right aligned
+      key_hi[c] = p.causal ? min(k_end, pos + 1) : k_end;
+      key_lo[c] = p.window_left >= 0 ? max(k_begin, pos - p.window_left) : k_begin;
+    } else {  // a padding row: never written, so it may see everything (keeps interior stages mask-free)
+      key_lo[c] = k_begin;
+      key_hi[c] = k_end;
+    }
+  }
+  // Stages inside [mask_lo, mask_hi) need no per-key masks (warp-uniform bounds).
+  int mask_lo = max(key_lo[0], key_lo[1]), mask_hi = min(key_hi[0], key_hi[1]);
+#pragma unroll
+  for (int o = 1; o < 4; o <<= 1) {
+    mask_lo = max(mask_lo, __shfl_xor_sync(0xffffffffu, mask_lo, o));
+    mask_hi = min(mask_hi, __shfl_xor_sync(0xffffffffu, mask_hi, o));
+  }
+  const float softcap_log2 = p.softcap * kLog2e;
+
+  // ---- stream the stages of this warp; K and V of the next stage load during this one ----
+  const PagedKV& kv = p.kv;
+  const int64_t bt_row = static_cast<int64_t>(seq) * kv.block_table_stride;
+  const uint8_t* kv_head_base = kv.base + kvh * kv.head_stride;
+  auto sub_base = [&](int key0) -> const uint8_t* {  // key0: first key of a 16-key sub-tile
+    const int blk = dp.block_shift >= 0 ? key0 >> dp.block_shift : key0 / kv.block_size;
+    const int off = dp.block_shift >= 0 ? key0 & (kv.block_size - 1) : key0 % kv.block_size;
+    const int64_t block = kv.block_table[bt_row + blk];
+    return kv_head_base + block * kv.block_stride + off * kv.token_stride;
+  };
+
+  uint32_t kraw[kSubs][2][Cfg::kKWords];
+  uint32_t vraw[kSubs][4][Cfg::kVWords];
+  float o_acc[Cfg::kMTiles][4];
+#pragma unroll
+  for (int j = 0; j < Cfg::kMTiles; ++j) o_acc[j][0] = o_acc[j][1] = o_acc[j][2] = o_acc[j][3] = 0.f;
+  float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F}, l_run[2] = {0.f, 0.f};
+
+  const uint8_t* sub_ptr[kSubs];  // K sub-tiles of the stage being loaded; V is kv_stride further
+  auto load_k = [&](int stage) {
+#pragma unroll
+    for (int u = 0; u < kSubs; ++u) {
+      const int key0 = k_begin + stage * kStageKeys + u * 16;
+      if (key0 < k_end) {
+        const uint8_t* base = sub_base(key0);
+        sub_ptr[u] = base;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint8_t* row = base + (g + 8 * h) * kv.token_stride;
+#pragma unroll
+          for (int c = 0; c < Cfg::kKChunks; ++c) {
+            const uint4 x = ld_stream16(row + (t + 4 * c) * 16);
+            kraw[u][h][4 * c + 0] = x.x;
+            kraw[u][h][4 * c + 1] = x.y;
+            kraw[u][h][4 * c + 2] = x.z;
+            kraw[u][h][4 * c + 3] = x.w;
+          }
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int w = 0; w < Cfg::kKWords; ++w) kraw[u][h][w] = 0u;
+      }
+    }
+  };
+  auto load_v = [&](int stage) {
+#pragma unroll
+    for (int u = 0; u < kSubs; ++u) {
+      const int key0 = k_begin + stage * kStageKeys + u * 16;
+      if (key0 < k_end) {
+        const uint8_t* base = sub_ptr[u] + kv.kv_stride + g * Cfg::kVBytes;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const int key = 2 * t + (kk & 1) + 8 * (kk >> 1);
+          const uint8_t* src = base + key * kv.token_stride;
+          if constexpr (Cfg::kVBytes == 8) {
+            const uint2 x = ld_stream8(src);
+            vraw[u][kk][0] = x.x;
+            vraw[u][kk][1] = x.y;
+          } else {
+#pragma unroll
+            for (int c = 0; c < Cfg::kVBytes / 16; ++c) {
+              const uint4 x = ld_stream16(src + 16 * c);
+              vraw[u][kk][4 * c + 0] = x.x;
+              vraw[u][kk][4 * c + 1] = x.y;
+              vraw[u][kk][4 * c + 2] = x.z;
+              vraw[u][kk][4 * c + 3] = x.w;
+            }
+          }
+        }
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+          for (int w = 0; w < Cfg::kVWords; ++w) vraw[u][kk][w] = 0u;
+      }
+    }
+  };
+
+  int stage = warp;
+  if (stage < num_stages) {
+    load_k(stage);
+    load_v(stage);
+  }
+  for (; stage < num_stages; stage += Cfg::kWarps) {
+    const int stage_key0 = k_begin + stage * kStageKeys;
+
+    // S^T = K . Q^T for each 16-key sub-tile; lane holds keys g, g+8 x rows 2t, 2t+1.
+    float s[kSubs][4];
+#pragma unroll
+    for (int u = 0; u < kSubs; ++u) {
+      s[u][0] = s[u][1] = s[u][2] = s[u][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < Cfg::kKSteps; ++ks) {
+        const uint2 b = *reinterpret_cast<const uint2*>(q_frag[ks][lane]);
+        uint32_t a0, a1, a2, a3;  // (row g, pairs 2ks / 2ks+1), (row g+8, ...)
+        if constexpr (kFp8) {
+          e4m3x4_to_f16x2x2(kraw[u][0][ks], a0, a2);
+          e4m3x4_to_f16x2x2(kraw[u][1][ks], a1, a3);
+        } else {
+          a0 = kraw[u][0][2 * ks], a2 = kraw[u][0][2 * ks + 1];
+          a1 = kraw[u][1][2 * ks], a3 = kraw[u][1][2 * ks + 1];
+        }
+        mma_16816<MT>(s[u], a0, a1, a2, a3, b.x, b.y);
+      }
+    }
+    if (stage + Cfg::kWarps < num_stages) load_k(stage + Cfg::kWarps);
+
+    // Scale (log2 domain), soft cap, mask (boundary stages only); the stage max per row.
+    const bool boundary = stage_key0 < mask_lo || stage_key0 + kStageKeys > mask_hi;
+    float smax[2] = {-CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+    for (int u = 0; u < kSubs; ++u) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = e & 1, key = stage_key0 + u * 16 + g + 8 * (e >> 1);
+        float x = s[u][e] * score_mult[c];
+        if (p.softcap > 0.f) x = softcap_log2 * tanhf(x);
+        if (boundary) x = (key >= key_lo[c] && key < key_hi[c]) ? x : -CUDART_INF_F;
+        s[u][e] = x;
+        smax[c] = fmaxf(smax[c], x);
+      }
+    }
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+#pragma unroll
+      for (int o = 4; o < 32; o <<= 1) smax[c] = fmaxf(smax[c], __shfl_xor_sync(0xffffffffu, smax[c], o));
+      const float m_new = fmaxf(m_run[c], smax[c]);
+      m_use[c] = m_new == -CUDART_INF_F ? 0.f : m_new;
+      alpha[c] = fast_exp2(m_run[c] - m_use[c]);
+      m_run[c] = m_new;
+      l_run[c] *= alpha[c];
+    }
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+      for (int j = 0; j < Cfg::kMTiles; ++j) {
+        o_acc[j][0] *= alpha[0];
+        o_acc[j][1] *= alpha[1];
+        o_acc[j][2] *= alpha[0];
+        o_acc[j][3] *= alpha[1];
+      }
+    }
+
+    // P, then O^T += V^T . P^T per sub-tile.
+#pragma unroll
+    for (int u = 0; u < kSubs; ++u) {
+      float pr[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        pr[e] = fast_exp2(s[u][e] - m_use[e & 1]);
+        l_run[e & 1] += pr[e];
+      }
+      const uint32_t b0 = movmatrix_trans(pack2<MT>(pr[0], pr[1]));
+      const uint32_t b1 = movmatrix_trans(pack2<MT>(pr[2], pr[3]));
+      // Keys past the split's end may hold garbage (NaN bytes); P is 0 there but 0 * NaN is not.
+      const int key0 = stage_key0 + u * 16;
+      if (key0 + 16 > k_end) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          if (key0 + 2 * t + (kk & 1) + 8 * (kk >> 1) >= k_end) {
+#pragma unroll
+            for (int w = 0; w < Cfg::kVWords; ++w) vraw[u][kk][w] = 0u;
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < Cfg::kMTiles; ++j) {
+        // A = V^T: (dim 2j | 2j+1) x (keys 2t, 2t+1 | 2t+8, 2t+9), as FP16/BF16 pairs.
+        uint32_t a0, a1, a2, a3;
+        if constexpr (kFp8) {
+          const int w = j / 2;
+          if (j % 2 == 0) {
+            a0 = e4m3_pair_to_f16x2_scaled<0>(vraw[u][0][w], vraw[u][1][w]);
+            a1 = e4m3_pair_to_f16x2_scaled<1>(vraw[u][0][w], vraw[u][1][w]);
+            a2 = e4m3_pair_to_f16x2_scaled<0>(vraw[u][2][w], vraw[u][3][w]);
+            a3 = e4m3_pair_to_f16x2_scaled<1>(vraw[u][2][w], vraw[u][3][w]);
+          } else {
+            a0 = e4m3_pair_to_f16x2_scaled<2>(vraw[u][0][w], vraw[u][1][w]);
+            a1 = e4m3_pair_to_f16x2_scaled<3>(vraw[u][0][w], vraw[u][1][w]);
+            a2 = e4m3_pair_to_f16x2_scaled<2>(vraw[u][2][w], vraw[u][3][w]);
+            a3 = e4m3_pair_to_f16x2_scaled<3>(vraw[u][2][w], vraw[u][3][w]);
+          }
+        } else {
+          const uint32_t v0 = vraw[u][0][j], v1 = vraw[u][1][j], v2 = vraw[u][2][j], v3 = vraw[u][3][j];
+          a0 = __byte_perm(v0, v1, 0x5410), a1 = __byte_perm(v0, v1, 0x7632);
+          a2 = __byte_perm(v2, v3, 0x5410), a3 = __byte_perm(v2, v3, 0x7632);
+        }
+        mma_16816<MT>(o_acc[j], a0, a1, a2, a3, b0, b1);
+      }
+    }
+    if (stage + Cfg::kWarps < num_stages) load_v(stage + Cfg::kWarps);
+  }
+
+  // ---- merge the 4 warps ----
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) l_run[c] += __shfl_xor_sync(0xffffffffu, l_run[c], o);
+  }
+  if (g == 0) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      merge_m[warp][2 * t + c] = m_run[c];
+      merge_l[warp][2 * t + c] = l_run[c];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < Cfg::kMTiles; ++j) {
+    const int d = g * (D / 8) + 2 * j;
+    merge_o[warp][2 * t][d] = o_acc[j][0];
+    merge_o[warp][2 * t + 1][d] = o_acc[j][1];
+    merge_o[warp][2 * t][d + 1] = o_acc[j][2];
+    merge_o[warp][2 * t + 1][d + 1] = o_acc[j][3];
+  }
+  __syncthreads();
+
+  // Thread -> (row r, D/16 contiguous dims).
+  constexpr int kDimsPerThread = D / 16;
+  const int r = tid / 16, d0 = (tid % 16) * kDimsPerThread;
+  const int row = rt * kRows + r;
+  if (row >= rows_total) return;
+  float m_tot = -CUDART_INF_F;
+#pragma unroll
+  for (int w = 0; w < Cfg::kWarps; ++w) m_tot = fmaxf(m_tot, merge_m[w][r]);
+  float wscale[Cfg::kWarps], l_tot = 0.f;
+#pragma unroll
+  for (int w = 0; w < Cfg::kWarps; ++w) {
+    wscale[w] = m_tot == -CUDART_INF_F ? 0.f : exp2f(merge_m[w][r] - m_tot);
+    l_tot += wscale[w] * merge_l[w][r];
+  }
+  float o[kDimsPerThread];
+#pragma unroll
+  for (int i = 0; i < kDimsPerThread; ++i) {
+    float x = 0.f;
+#pragma unroll
+    for (int w = 0; w < Cfg::kWarps; ++w) x += wscale[w] * merge_o[w][r][d0 + i];
+    o[i] = x;
+  }
+
+  if (range.splits == 1) {
+    const int token = q_begin + row / dp.group, head = kvh * dp.group + row % dp.group;
+    const float sink = p.sinks ? p.sinks[head] * kLog2e : -CUDART_INF_F;
+    const float m_fin = fmaxf(m_tot, sink);
+    float denom = 0.f, o_mult = 0.f;
+    if (m_fin != -CUDART_INF_F) {
+      const float a = l_tot > 0.f ? exp2f(m_tot - m_fin) : 0.f;
+      denom = l_tot * a + (p.sinks ? exp2f(sink - m_fin) : 0.f);
+      o_mult = denom > 0.f ? a * v_scale / denom : 0.f;
+    }
+    QT* dst = static_cast<QT*>(p.out) + token * p.o_tok_stride + head * p.o_head_stride + d0;
+#pragma unroll
+    for (int i = 0; i < kDimsPerThread; ++i) dst[i] = store_type<QT>(o[i] * o_mult);
+    if (p.lse != nullptr && (tid % 16) == 0)
+      p.lse[head * p.lse_head_stride + token] = denom > 0.f ? (m_fin + log2f(denom)) / kLog2e : -CUDART_INF_F;
+  } else {
+    const int64_t slot = ((static_cast<int64_t>(seq) * p.num_kv_heads + kvh) * dp.row_tiles + rt) * dp.num_splits + split;
+    float* dst = dp.part_out + (slot * kRows + r) * D + d0;
+    const float o_mult = l_tot > 0.f ? v_scale / l_tot : 0.f;
+#pragma unroll
+    for (int i = 0; i < kDimsPerThread; ++i) dst[i] = o[i] * o_mult;
+    if ((tid % 16) == 0) dp.part_lse[slot * kRows + r] = l_tot > 0.f ? m_tot + log2f(l_tot) : -CUDART_INF_F;
+  }
+}
+
+// Merges the splits of every sequence that has more than one: one warp per row.
+template <typename QT, int D>
+__global__ void __launch_bounds__(256) decode_combine_kernel(const DecodeParams dp) {
+  const AttentionParams& p = dp.a;
+  constexpr int kRows = 8;
+  const int seq = blockIdx.z, kvh = blockIdx.y, rt = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int q_begin = p.cu_seqlens_q[seq];
+  const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
+  const int row = rt * kRows + warp;
+  if (row >= q_len * dp.group) return;
+  const SplitRange range = decode_split_range(p.seq_lens[seq], q_len, p.window_left, dp.num_splits);
+  if (range.splits == 1) return;  // the split kernel wrote the output itself
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int token = q_begin + row / dp.group, head = kvh * dp.group + row % dp.group;
+  const int64_t slot0 = ((static_cast<int64_t>(seq) * p.num_kv_heads + kvh) * dp.row_tiles + rt) * dp.num_splits;
+  float m = p.sinks ? p.sinks[head] * kLog2e : -CUDART_INF_F;
+  for (int s = 0; s < range.splits; ++s) m = fmaxf(m, dp.part_lse[(slot0 + s) * kRows + warp]);
+  constexpr int kPerLane = D / 32;
+  float acc[kPerLane] = {};
+  float denom = 0.f;
+  if (m != -CUDART_INF_F) {
+    for (int s = 0; s < range.splits; ++s) {
+      const float w = exp2f(dp.part_lse[(slot0 + s) * kRows + warp] - m);
+      denom += w;
+      const float* src = dp.part_out + ((slot0 + s) * kRows + warp) * D + lane * kPerLane;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) acc[i] += w * src[i];
+    }
+    if (p.sinks) denom += exp2f(p.sinks[head] * kLog2e - m);
+  }
+  const float inv = denom > 0.f ? 1.f / denom : 0.f;
+  QT* dst = static_cast<QT*>(p.out) + token * p.o_tok_stride + head * p.o_head_stride + lane * kPerLane;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) dst[i] = store_type<QT>(acc[i] * inv);
+  if (p.lse != nullptr && lane == 0)
+    p.lse[head * p.lse_head_stride + token] = denom > 0.f ? (m + log2f(denom)) / kLog2e : -CUDART_INF_F;
+}
+
+template <typename QT, bool kFp8, int D>
+void launch_decode(const DecodeParams& dp, cudaStream_t stream) {
+  using Cfg = DecodeConfig<QT, kFp8, D>;
+  const dim3 grid(dp.num_splits * dp.row_tiles, dp.a.num_kv_heads, dp.a.num_seqs);
+  decode_kernel<QT, kFp8, D><<<grid, Cfg::kThreads, 0, stream>>>(dp);
+  if (dp.num_splits > 1) {
+    const dim3 cgrid(dp.row_tiles, dp.a.num_kv_heads, dp.a.num_seqs);
+    decode_combine_kernel<QT, D><<<cgrid, 256, 0, stream>>>(dp);
+  }
+}
+
+}  // namespace fireattn

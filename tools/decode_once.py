@@ -1,0 +1,30 @@
+"""Runs one decode shape a few times (for profilers: ncu --clock-control none python3 tools/decode_once.py).
+
+python3 tools/decode_once.py --head-dim 128 --batch 8 --context 32768 [--bf16]
+"""
+import argparse
+
+import torch
+
+from vllm_fireattn import ops
+from vllm_fireattn.bench.kernels import PREFILL_HEADS, _ours, _setup
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--bf16", action="store_true", help="BF16 cache instead of FP8")
+    ap.add_argument("--reps", type=int, default=3)
+    a = ap.parse_args()
+    hq, hkv = PREFILL_HEADS[a.head_dim]
+    s = _setup(a.batch, a.context, 1, hq, hkv, a.head_dim)
+    fn = _ours(s, ops.decode, 1, True, not a.bf16, a.head_dim)
+    for _ in range(a.reps):
+        fn()
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
