@@ -60,6 +60,7 @@ def _cuda_extensions():
     ]
     if os.environ.get("FIREATTN_PTXAS_VERBOSE") == "1":
         nvcc.append("--ptxas-options=-v")
+    nvcc += os.environ.get("FIREATTN_NVCC_FLAGS", "").split()  # development experiments (-D...)
     ext = CUDAExtension(
         name="vllm_fireattn._C",
         sources=sources,

@@ -18,6 +18,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache
             const at::Tensor& k_scale, const at::Tensor& v_scale, double softmax_scale, int64_t max_query_len,
             bool causal, int64_t window_left, double softcap, const std::optional<at::Tensor>& sinks,
             const std::optional<at::Tensor>& lse, int64_t num_splits);
+int64_t decode_ctas_per_sm(int64_t head_dim, bool fp8, bool fp16);
 }  // namespace fireattn
 
 #define FIREATTN_ATTENTION_ARGS                                                                             \
@@ -33,6 +34,8 @@ TORCH_LIBRARY(fireattn, m) {
   // num_splits: the most splits of one sequence's keys (the plan; see vllm_fireattn/ops/plan.py).
   m.def("decode" FIREATTN_ATTENTION_ARGS ", int num_splits=1) -> ()");
   m.def("compiled_head_dims() -> int[]", &fireattn::compiled_head_dims);
+  // Resident decode CTAs per SM on the current device (the split plan's wave size).
+  m.def("decode_ctas_per_sm(int head_dim, bool fp8, bool fp16) -> int", &fireattn::decode_ctas_per_sm);
 }
 
 TORCH_LIBRARY_IMPL(fireattn, CUDA, m) {

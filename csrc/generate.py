@@ -40,7 +40,9 @@ def generate(out_dir: Path) -> list[Path]:
                 for name, header, inst in (
                     ("simple_attention", "attention/simple_attention.cuh",
                      f"launch_simple_attention<{cfg}>(const AttentionParams&, int, cudaStream_t)"),
-                    ("decode", "decode/decode_kernel.cuh", f"launch_decode<{cfg}>(const DecodeParams&, cudaStream_t)"),
+                    ("decode", "decode/decode_kernel.cuh",
+                     f"launch_decode<{cfg}>(const DecodeParams&, cudaStream_t);\n"
+                     f"template int decode_ctas_per_sm<{cfg}>()"),
                 ):
                     path = out_dir / f"{name}_{dt}_{kind}_d{d}.cu"
                     _write_if_changed(

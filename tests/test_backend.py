@@ -219,10 +219,13 @@ def test_profiling_run_zeroes_output():
 
 def test_decode_plan_is_static():
     """The scheduler reads no sequence lengths: one wave of CTAs from static shapes."""
-    plan = ops.decode_num_splits
-    assert plan(1, 32, 8, 1, 128, True, num_sms=132) == 66
-    assert plan(8, 32, 8, 1, 128, True, num_sms=132) == 8
-    assert plan(64, 32, 8, 1, 128, True, num_sms=132) == 1
-    assert plan(256, 32, 8, 1, 128, True, num_sms=132) == 1
-    assert plan(1, 64, 8, 4, 128, True, num_sms=132) == 16  # 32 rows = 4 row tiles per head
-    assert plan(8, 16, 4, 1, 256, True, num_sms=132) == 12  # 3 CTAs per SM at head_dim 256
+    def plan(*a, ctas=4):
+        return ops.decode_num_splits(*a, num_sms=132, ctas=ctas)
+
+    assert plan(1, 32, 8, 1, 128, True) == 66
+    assert plan(8, 32, 8, 1, 128, True) == 8
+    assert plan(64, 32, 8, 1, 128, True) == 1
+    assert plan(256, 32, 8, 1, 128, True) == 1
+    assert plan(1, 64, 8, 4, 128, True) == 16  # 32 rows = 4 row tiles per head
+    assert plan(8, 16, 4, 1, 256, True, ctas=3) == 12
+    assert plan(1, 8, 1, 1, 128, True, ctas=4) == 128  # capped at MAX_SPLITS

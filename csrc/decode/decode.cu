@@ -13,8 +13,9 @@
 
 namespace fireattn {
 
-#define FIREATTN_DECLARE_DECODE(QT, FP8, D) \
-  extern template void launch_decode<QT, FP8, D>(const DecodeParams&, cudaStream_t);
+#define FIREATTN_DECLARE_DECODE(QT, FP8, D)                                          \
+  extern template void launch_decode<QT, FP8, D>(const DecodeParams&, cudaStream_t); \
+  extern template int decode_ctas_per_sm<QT, FP8, D>();
 FIREATTN_ATTENTION_CONFIGS(FIREATTN_DECLARE_DECODE)
 #undef FIREATTN_DECLARE_DECODE
 
@@ -59,6 +60,15 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache
   FIREATTN_ATTENTION_CONFIGS(FIREATTN_TRY_DECODE)
 #undef FIREATTN_TRY_DECODE
   fail_no_kernel("decode", head_dim, qt, fp8);
+}
+
+int64_t decode_ctas_per_sm(int64_t head_dim, bool fp8, bool fp16) {
+  const at::ScalarType qt = fp16 ? at::kHalf : at::kBFloat16;
+#define FIREATTN_TRY_OCCUPANCY(QT, FP8, D) \
+  if (qt == scalar_type_of<QT>() && fp8 == FP8 && head_dim == D) return decode_ctas_per_sm<QT, FP8, D>();
+  FIREATTN_ATTENTION_CONFIGS(FIREATTN_TRY_OCCUPANCY)
+#undef FIREATTN_TRY_OCCUPANCY
+  fail_no_kernel("decode_ctas_per_sm", head_dim, qt, fp8);
 }
 
 }  // namespace fireattn

@@ -194,6 +194,7 @@ class FireAttnMetadataBuilder(AttentionMetadataBuilder[FireAttnMetadata]):
         model_config = getattr(vllm_config, "model_config", None)
         self.num_q_heads = (model_config.get_num_attention_heads(vllm_config.parallel_config)
                             if model_config is not None else self.num_kv_heads)
+        self.fp16 = getattr(model_config, "dtype", None) == torch.float16
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FireAttnMetadata:
@@ -217,7 +218,8 @@ class FireAttnMetadataBuilder(AttentionMetadataBuilder[FireAttnMetadata]):
             decode_max_query_len=self.decode_max_query_len,
             # Static shapes only (the padded batch size under CUDA graphs), so capture and replay agree.
             decode_num_splits=decode_num_splits(num_decodes, self.num_q_heads, self.num_kv_heads,
-                                                self.decode_max_query_len, self.head_size, self.fp8_cache),
+                                                self.decode_max_query_len, self.head_size, self.fp8_cache,
+                                                fp16=self.fp16),
             num_prefills=num_prefills,
             num_prefill_tokens=num_prefill_tokens,
             decode_query_start_loc=cm.query_start_loc[: num_decodes + 1],

@@ -95,7 +95,8 @@ def decode(
     require()
     if num_splits is None:
         num_splits = decode_num_splits(seq_lens.numel(), query.shape[1], kv_cache.shape[2], max_query_len,
-                                       kv_cache.shape[4], kv_cache.dtype in (torch.uint8, torch.float8_e4m3fn))
+                                       kv_cache.shape[4], kv_cache.dtype in (torch.uint8, torch.float8_e4m3fn),
+                                       fp16=query.dtype == torch.float16)
     torch.ops.fireattn.decode(
         out, query, kv_cache, block_table, cu_seqlens_q, seq_lens, q_scale, k_scale, v_scale,
         softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse, num_splits,
