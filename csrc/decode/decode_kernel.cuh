@@ -10,18 +10,17 @@
 // graph replays with any seq_lens; a second kernel merges the splits' partial results.
 //
 // Tensor cores with keys on the M side. S^T[16 keys x 8 rows] = K[16 x D] . Q^T and
-// O^T[D x 8 rows] += V^T[D x 16 keys] . P^T with FP32 accumulators. Each lane loads K/V
-// straight from global memory into registers in the exact fragment order (no shared-memory
-// staging): QK^T permutes the head dim (Q is stored in the same permuted order), PV transposes V
-// in registers with byte permutes, and P^T comes from the S^T accumulator through movmatrix.
+// O^T[D x 8 rows] += V^T[D x 16 keys] . P^T, both m16n8k16 with FP32 accumulators. Each lane
+// loads K/V straight from global memory into registers in the exact fragment order (no shared
+// memory staging): QK^T permutes the head dim (Q is stored in the same permuted order), PV
+// permutes nothing but transposes V in registers with byte permutes, and P^T comes from the S^T
+// accumulator through movmatrix.trans.
 //
-// FP8 caches: QK^T runs on FP8 tensor cores (m16n8k32 e4m3) straight from the cache bytes. The
-// query is scaled per row by a power of two (max in [128, 256)) and split into two e4m3 terms,
-// q ~ hi + lo / 16, each its own MMA chain: 8 significant bits, as many as BF16 has, so the query
-// is kept to BF16 accuracy rather than quantized to 4 bits. V is widened exactly to FP16
-// (byte transpose, then cvt.f16x2.e4m3x2) for an FP16 PV with P in FP16. So the only coarse
-// quantization is the cache's own; K/V scales are applied to the FP32 scores and output.
-// BF16/FP16 caches: m16n8k16 in the cache's type for both products, P in that type.
+// Numerics. FP8 (e4m3) K/V are widened exactly to FP16 in registers (K by cvt.f16x2.e4m3x2, V by
+// integer bit moves that also transpose it, as value * 2^-8, undone by the output scale); the
+// query stays 16-bit: BF16 queries are rescaled per row by a power of two into FP16 range, which
+// is exact. So the only quantization is the cache's own; K/V scales are applied to the FP32
+// scores and output. P is rounded to the MMA type (FP16, or BF16 for BF16 caches).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,7 +31,6 @@
 #include <type_traits>
 
 #include "common/attention_params.h"
-#include "common/fp8.cuh"
 
 namespace fireattn {
 
@@ -48,7 +46,7 @@ struct DecodeParams {
 
 // Tuning knobs (overridable with -D for experiments; the defaults are the measured choice).
 #ifndef FIREATTN_DECODE_STAGE_BYTES
-#define FIREATTN_DECODE_STAGE_BYTES 4096
+#define FIREATTN_DECODE_STAGE_BYTES 2048
 #endif
 #ifndef FIREATTN_DECODE_MIN_BLOCKS
 #define FIREATTN_DECODE_MIN_BLOCKS 4
@@ -87,7 +85,7 @@ struct DecodeConfig {
   static constexpr int kStageBytes = FIREATTN_DECODE_STAGE_BYTES;
   static constexpr int kStageKeys = (kStageBytes / kRowBytes) < 16 ? 16 : kStageBytes / kRowBytes;
   static constexpr int kSubs = kStageKeys / 16;  // 16-key sub-tiles per stage
-  static constexpr int kKSteps = kFp8 ? D / 32 : D / 16;  // QK^T k-steps (head dim)
+  static constexpr int kKSteps = D / 16;         // QK^T k-steps (head dim)
   static constexpr int kMTiles = D / 16;         // PV m-tiles (head dim)
   // K: a lane holds rows g and g+8 of a sub-tile, kKChunks 16-byte chunks of each.
   static constexpr int kKChunks = kRowBytes / 64;
@@ -144,42 +142,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-__device__ __forceinline__ void mma_16832_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                               uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// Four floats -> four e4m3 bytes (saturating round-to-nearest-even), first value in byte 0.
-__device__ __forceinline__ uint32_t pack_e4m3x4(float a, float b, float c, float d) {
-  uint16_t lo, hi;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;" : "=h"(lo) : "f"(a), "f"(b));
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;" : "=h"(hi) : "f"(c), "f"(d));
-  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-}
-
-// A volatile shared-memory load, so the compiler does not hoist loop-invariant Q into registers.
-__device__ __forceinline__ uint4 lds128(const uint32_t* p) {
-  uint4 r;
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
-  return r;
-}
-
-// Transposes a 4x4 byte matrix: out[i] byte j = in[j] byte i.
-__device__ __forceinline__ void transpose_bytes_4x4(uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3,
-                                                    uint32_t (&o)[4]) {
-  const uint32_t t0 = __byte_perm(r0, r1, 0x5140), t1 = __byte_perm(r0, r1, 0x7362);
-  const uint32_t t2 = __byte_perm(r2, r3, 0x5140), t3 = __byte_perm(r2, r3, 0x7362);
-  o[0] = __byte_perm(t0, t2, 0x5410);
-  o[1] = __byte_perm(t0, t2, 0x7632);
-  o[2] = __byte_perm(t1, t3, 0x5410);
-  o[3] = __byte_perm(t1, t3, 0x7632);
-}
-
 // Transposes an 8x8 16-bit matrix held one row-pair per lane (the MMA fragment layout).
 __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
   uint32_t y;
@@ -192,6 +154,16 @@ __device__ __forceinline__ void e4m3x4_to_f16x2x2(uint32_t x, uint32_t& lo, uint
   asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.rn.f16x2.e4m3x2 %0, l;\ncvt.rn.f16x2.e4m3x2 %1, h;\n}"
       : "=r"(lo), "=r"(hi)
       : "r"(x));
+}
+
+// Byte `kByte` of a and of b -> FP16x2 {a's, b's} equal to the e4m3 values times 2^-8, on the
+// integer pipes: the byte permute that gathers them also transposes V. An e4m3 byte s.eeee.mmm
+// placed at bits 15..8 becomes the FP16 s.0eeee.mmm0000000 by one shift (subnormals included).
+template <int kByte>
+__device__ __forceinline__ uint32_t e4m3_pair_to_f16x2_scaled(uint32_t a, uint32_t b) {
+  constexpr uint32_t kSel = kByte | (kByte << 4) | ((4 + kByte) << 8) | ((4 + kByte) << 12);
+  const uint32_t y = __byte_perm(a, b, kSel);  // bytes 1 and 3 matter; 0 and 2 are masked off
+  return (y & 0x80008000u) | ((y >> 1) & 0x3F803F80u);
 }
 
 template <typename MT>
@@ -265,15 +237,15 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
 
-  // B fragments of Q per k-step and lane: FP8 {hi b0, hi b1, lo b0, lo b1}; 16-bit {b0, b1, -, -}.
-  __shared__ __align__(16) uint32_t q_frag[Cfg::kKSteps][32][4];
+  __shared__ __align__(16) uint32_t q_frag[Cfg::kKSteps][32][2];
   __shared__ float row_mult[kRows];
   __shared__ __align__(16) float merge_o[Cfg::kWarps][kRows][D];
   __shared__ float merge_m[Cfg::kWarps][kRows], merge_l[Cfg::kWarps][kRows];
 
-  // ---- Q: 8 rows to MMA fragments in shared memory (per-row power-of-two prescale) ----
+  // ---- Q: 8 rows to 16-bit MMA fragments in shared memory (per-row power-of-two prescale) ----
   const float k_scale = kFp8 ? p.k_scale[kvh * p.k_scale_stride] : 1.f;
-  const float v_scale = kFp8 ? p.v_scale[kvh * p.v_scale_stride] : 1.f;
+  // FP8 V is widened as value * 2^-8 (e4m3_pair_to_f16x2_scaled); the output scale undoes it.
+  const float v_scale = kFp8 ? p.v_scale[kvh * p.v_scale_stride] * 256.f : 1.f;
   auto row_q = [&](int r) -> const QT* {
     const int row = rt * kRows + r;
     const int token = q_begin + row / dp.group, head = kvh * dp.group + row % dp.group;
@@ -288,42 +260,27 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     if (lane == 0) {
-      // FP8: the row's max into [2^7, 2^8) (e4m3 range); FP16: into [2^14, 2^15). Exact scalings.
+      // FP16 MMA: bring the row's max into [2^14, 2^15) by a power of two (exact for BF16 input).
       float mult = 1.f;
-      if ((kFp8 || std::is_same_v<MT, __half>) && amax > 0.f && isfinite(amax))
-        mult = exp2f(static_cast<float>((kFp8 ? 7 : 14) - ilogbf(amax)));
+      if (std::is_same_v<MT, __half> && amax > 0.f && isfinite(amax)) mult = exp2f(static_cast<float>(14 - ilogbf(amax)));
       row_mult[r] = mult;
     }
   }
   __syncthreads();
   for (int e = tid; e < Cfg::kKSteps * 32; e += Cfg::kThreads) {
     const int ks = e / 32, ln = e % 32, fg = ln / 4, ft = ln % 4;
-    uint32_t regs[4] = {0u, 0u, 0u, 0u};
+    uint32_t regs[2] = {0u, 0u};
     if (rt * kRows + fg < rows_total) {
       const QT* q = row_q(fg);
       const float mult = row_mult[fg];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        if constexpr (kFp8) {
-          // Word 2ks+h of lane ft's K chunks: dims (ft + 4c) * 16 + 4x .. +3 with w = 4c + x.
-          const int w = 2 * ks + h, d = (ft + 4 * (w / 4)) * 16 + 4 * (w % 4);
-          float x[4], hi[4], lo[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) x[i] = load_float(q + d + i) * mult;
-          regs[h] = pack_e4m3x4(x[0], x[1], x[2], x[3]);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            hi[i] = e4m3_to_float(static_cast<uint8_t>(regs[h] >> (8 * i)));
-            lo[i] = (x[i] - hi[i]) * 16.f;
-          }
-          regs[2 + h] = pack_e4m3x4(lo[0], lo[1], lo[2], lo[3]);
-        } else {
-          const int d = qk_pair_dim<Cfg>(ft, 2 * ks + h);
-          regs[h] = pack2<MT>(load_float(q + d) * mult, load_float(q + d + 1) * mult);
-        }
+        const int d = qk_pair_dim<Cfg>(ft, 2 * ks + h);
+        regs[h] = pack2<MT>(load_float(q + d) * mult, load_float(q + d + 1) * mult);
       }
     }
-    *reinterpret_cast<uint4*>(q_frag[ks][ln]) = make_uint4(regs[0], regs[1], regs[2], regs[3]);
+    q_frag[ks][ln][0] = regs[0];
+    q_frag[ks][ln][1] = regs[1];
   }
   __syncthreads();
 
@@ -443,26 +400,23 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
     const int stage_key0 = k_begin + stage * kStageKeys;
 
     // S^T = K . Q^T for each 16-key sub-tile; lane holds keys g, g+8 x rows 2t, 2t+1.
-    // Two independent MMA chains per sub-tile (FP8: the hi and lo query terms; 16-bit: even and
-    // odd k-steps) halve the dependent-MMA latency.
     float s[kSubs][4];
 #pragma unroll
     for (int u = 0; u < kSubs; ++u) {
-      float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
+      s[u][0] = s[u][1] = s[u][2] = s[u][3] = 0.f;
 #pragma unroll
       for (int ks = 0; ks < Cfg::kKSteps; ++ks) {
-        const uint4 b = lds128(q_frag[ks][lane]);  // re-read each time: registers are scarcer
-        const uint32_t a0 = kraw[u][0][2 * ks], a2 = kraw[u][0][2 * ks + 1];  // row g
-        const uint32_t a1 = kraw[u][1][2 * ks], a3 = kraw[u][1][2 * ks + 1];  // row g + 8
+        const uint2 b = *reinterpret_cast<const uint2*>(q_frag[ks][lane]);
+        uint32_t a0, a1, a2, a3;  // (row g, pairs 2ks / 2ks+1), (row g+8, ...)
         if constexpr (kFp8) {
-          mma_16832_e4m3(acc0, a0, a1, a2, a3, b.x, b.y);
-          mma_16832_e4m3(acc1, a0, a1, a2, a3, b.z, b.w);
+          e4m3x4_to_f16x2x2(kraw[u][0][ks], a0, a2);
+          e4m3x4_to_f16x2x2(kraw[u][1][ks], a1, a3);
         } else {
-          mma_16816<MT>(ks % 2 ? acc1 : acc0, a0, a1, a2, a3, b.x, b.y);
+          a0 = kraw[u][0][2 * ks], a2 = kraw[u][0][2 * ks + 1];
+          a1 = kraw[u][1][2 * ks], a3 = kraw[u][1][2 * ks + 1];
         }
+        mma_16816<MT>(s[u], a0, a1, a2, a3, b.x, b.y);
       }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[u][e] = kFp8 ? fmaf(acc1[e], 0.0625f, acc0[e]) : acc0[e] + acc1[e];
     }
     if (stage + Cfg::kWarps < num_stages) load_k(stage + Cfg::kWarps);
 
@@ -524,25 +478,29 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
           }
         }
       }
-      // A = V^T: rows (dim 2j | 2j+1) x keys (2t, 2t+1 | 2t+8, 2t+9).
-      if constexpr (kFp8) {
 #pragma unroll
-        for (int w = 0; w < Cfg::kVWords; ++w) {  // word w: dims 4w..4w+3 = m-tiles 2w, 2w+1
-          uint32_t dimw[4];  // dimw[i]: dim 4w+i of keys 2t, 2t+1, 2t+8, 2t+9
-          transpose_bytes_4x4(vraw[u][0][w], vraw[u][1][w], vraw[u][2][w], vraw[u][3][w], dimw);
-          uint32_t a[4][2];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) e4m3x4_to_f16x2x2(dimw[i], a[i][0], a[i][1]);
-          mma_16816<MT>(o_acc[2 * w], a[0][0], a[1][0], a[0][1], a[1][1], b0, b1);
-          mma_16816<MT>(o_acc[2 * w + 1], a[2][0], a[3][0], a[2][1], a[3][1], b0, b1);
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < Cfg::kMTiles; ++j) {
+      for (int j = 0; j < Cfg::kMTiles; ++j) {
+        // A = V^T: (dim 2j | 2j+1) x (keys 2t, 2t+1 | 2t+8, 2t+9), as FP16/BF16 pairs.
+        uint32_t a0, a1, a2, a3;
+        if constexpr (kFp8) {
+          const int w = j / 2;
+          if (j % 2 == 0) {
+            a0 = e4m3_pair_to_f16x2_scaled<0>(vraw[u][0][w], vraw[u][1][w]);
+            a1 = e4m3_pair_to_f16x2_scaled<1>(vraw[u][0][w], vraw[u][1][w]);
+            a2 = e4m3_pair_to_f16x2_scaled<0>(vraw[u][2][w], vraw[u][3][w]);
+            a3 = e4m3_pair_to_f16x2_scaled<1>(vraw[u][2][w], vraw[u][3][w]);
+          } else {
+            a0 = e4m3_pair_to_f16x2_scaled<2>(vraw[u][0][w], vraw[u][1][w]);
+            a1 = e4m3_pair_to_f16x2_scaled<3>(vraw[u][0][w], vraw[u][1][w]);
+            a2 = e4m3_pair_to_f16x2_scaled<2>(vraw[u][2][w], vraw[u][3][w]);
+            a3 = e4m3_pair_to_f16x2_scaled<3>(vraw[u][2][w], vraw[u][3][w]);
+          }
+        } else {
           const uint32_t v0 = vraw[u][0][j], v1 = vraw[u][1][j], v2 = vraw[u][2][j], v3 = vraw[u][3][j];
-          mma_16816<MT>(o_acc[j], __byte_perm(v0, v1, 0x5410), __byte_perm(v0, v1, 0x7632),
-                        __byte_perm(v2, v3, 0x5410), __byte_perm(v2, v3, 0x7632), b0, b1);
+          a0 = __byte_perm(v0, v1, 0x5410), a1 = __byte_perm(v0, v1, 0x7632);
+          a2 = __byte_perm(v2, v3, 0x5410), a3 = __byte_perm(v2, v3, 0x7632);
         }
+        mma_16816<MT>(o_acc[j], a0, a1, a2, a3, b0, b1);
       }
     }
     if (stage + Cfg::kWarps < num_stages) load_v(stage + Cfg::kWarps);

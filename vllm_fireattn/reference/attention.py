@@ -5,9 +5,8 @@ precision:
             The "FP32 reference" of DESIGN.md's tolerance rule.
   "kernel"  what the prefill kernel computes: with an FP8 cache, Q is quantized to e4m3 with
             its per-KV-head scale (sat_rne(q / q_scale)); everything else exact.
-  "decode"  what the decode kernel computes: with an FP8 cache, each query row is scaled by a
-            power of two (max in [128, 256)) and split into two e4m3 terms, hi + lo / 16
-            (BF16-level accuracy); with a 16-bit cache, exact. ops.decode's "kernel" is this.
+  (ops.decode's kernel keeps the query in 16 bits and widens FP8 K/V exactly, so the reference
+  decode's "kernel" precision is "exact" on the stored cache.)
   "fp8_mma" "kernel" plus the Hopper FP8 tensor-core path: P quantized to e4m3, PV summed per
             32-key MMA step in an accumulator of `mma_mantissa_bits` bits (truncated), and that
             accumulator promoted into an FP32 accumulator every `promote_every` tiles of
@@ -25,7 +24,7 @@ import torch
 from vllm_fireattn.reference.cache import gather_kv, is_fp8_cache
 from vllm_fireattn.reference.quant import FP8_DTYPE, dequantize_fp8, quantize_fp8
 
-PRECISIONS = ("exact", "kernel", "decode", "fp8_mma")
+PRECISIONS = ("exact", "kernel", "fp8_mma")
 
 
 def _truncate_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -139,19 +138,6 @@ def _quantized_query(q: torch.Tensor, q_scale: torch.Tensor, num_kv_heads: int, 
     return dequantize_fp8(quantize_fp8(grouped, q_scale), q_scale, dtype).reshape(lq, hq, d)
 
 
-def _split_query(q: torch.Tensor) -> torch.Tensor:
-    """The decode kernel's query: per row (token, head), q * 2^k with max in [128, 256), as
-    hi = e4m3(x) plus lo = e4m3((x - hi) * 16) / 16, scaled back. Returns float64."""
-    x = q.double()
-    amax = x.abs().amax(-1, keepdim=True)
-    ok = (amax > 0) & torch.isfinite(amax)
-    mult = torch.where(ok, torch.exp2(7 - torch.floor(torch.log2(torch.where(ok, amax, 1.0)))), 1.0)
-    xs = x * mult
-    hi = xs.float().clamp(-448, 448).to(FP8_DTYPE).double()
-    lo = ((xs - hi) * 16).float().clamp(-448, 448).to(FP8_DTYPE).double()
-    return (hi + lo / 16) / mult
-
-
 def prefill(
     out: torch.Tensor,
     query: torch.Tensor,
@@ -191,9 +177,7 @@ def prefill(
             raise ValueError(f"sequence {b} has {q1 - q0} queries > max_query_len {max_query_len}")
         k, v = gather_kv(kv_cache, block_table[b], seq_len, k_scale, v_scale, dtype)
         q = query[q0:q1]
-        if fp8 and precision == "decode":
-            q = _split_query(q).to(dtype)
-        elif fp8 and precision != "exact":
+        if fp8 and precision != "exact":
             q = _quantized_query(q, q_scale, num_kv_heads, dtype)
         o, row_lse = attend(
             q.to(dtype),
@@ -213,5 +197,8 @@ def prefill(
 
 def decode(*args, num_splits: int | None = None, precision: str = "kernel", **kwargs) -> None:
     """Mirrors vllm_fireattn.ops.decode (num_splits changes only the work split, not the math).
-    Its "kernel" precision is "decode": the query split into two e4m3 terms, K/V as stored."""
-    prefill(*args, precision="decode" if precision == "kernel" else precision, **kwargs)
+
+    The decode kernel keeps the query in 16 bits (no FP8 quantization of Q) and widens FP8 K/V
+    exactly, so its "kernel" precision is "exact" on the stored cache.
+    """
+    prefill(*args, precision="exact" if precision == "kernel" else precision, **kwargs)
