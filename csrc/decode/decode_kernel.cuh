@@ -117,6 +117,13 @@ __device__ __forceinline__ uint2 ld_stream8(const uint8_t* p) {
   return r;
 }
 
+__device__ __forceinline__ void unpack4(uint32_t* words, uint4 x) {
+  words[0] = x.x;
+  words[1] = x.y;
+  words[2] = x.z;
+  words[3] = x.w;
+}
+
 template <typename MT>
 __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                           uint32_t b0, uint32_t b1) {
@@ -342,11 +349,7 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
           const uint8_t* row = base + (g + 8 * h) * kv.token_stride;
 #pragma unroll
           for (int c = 0; c < Cfg::kKChunks; ++c) {
-            const uint4 x = ld_stream16(row + (t + 4 * c) * 16);
-            kraw[u][h][4 * c + 0] = x.x;
-            kraw[u][h][4 * c + 1] = x.y;
-            kraw[u][h][4 * c + 2] = x.z;
-            kraw[u][h][4 * c + 3] = x.w;
+            unpack4(&kraw[u][h][4 * c], ld_stream16(row + (t + 4 * c) * 16));
           }
         }
       } else {
@@ -374,11 +377,7 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
           } else {
 #pragma unroll
             for (int c = 0; c < Cfg::kVBytes / 16; ++c) {
-              const uint4 x = ld_stream16(src + 16 * c);
-              vraw[u][kk][4 * c + 0] = x.x;
-              vraw[u][kk][4 * c + 1] = x.y;
-              vraw[u][kk][4 * c + 2] = x.z;
-              vraw[u][kk][4 * c + 3] = x.w;
+              unpack4(&vraw[u][kk][4 * c], ld_stream16(src + 16 * c));
             }
           }
         }
