@@ -51,6 +51,9 @@ struct DecodeParams {
 #ifndef FIREATTN_DECODE_MIN_BLOCKS
 #define FIREATTN_DECODE_MIN_BLOCKS 4
 #endif
+#ifndef FIREATTN_DECODE_L2_PREFETCH  // bytes: 256, 128, or 0 (no hint)
+#define FIREATTN_DECODE_L2_PREFETCH 256
+#endif
 
 constexpr int kDecodeMinSplitKeys = 256;
 constexpr int kDecodeMaxSplits = 256;
@@ -103,17 +106,24 @@ struct DecodeConfig {
 
 // ---- PTX helpers -------------------------------------------------------------------------
 
+// Streaming loads of the cache (read once): no L1 allocation, L2 prefetch hint per knob.
+#if FIREATTN_DECODE_L2_PREFETCH == 256
+#define FIREATTN_LD_STREAM "ld.global.nc.L1::no_allocate.L2::256B"
+#elif FIREATTN_DECODE_L2_PREFETCH == 128
+#define FIREATTN_LD_STREAM "ld.global.nc.L1::no_allocate.L2::128B"
+#else
+#define FIREATTN_LD_STREAM "ld.global.nc.L1::no_allocate"
+#endif
+
 __device__ __forceinline__ uint4 ld_stream16(const uint8_t* p) {
   uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
+  asm volatile(FIREATTN_LD_STREAM ".v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
   return r;
 }
 
 __device__ __forceinline__ uint2 ld_stream8(const uint8_t* p) {
   uint2 r;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+  asm volatile(FIREATTN_LD_STREAM ".v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
   return r;
 }
 
