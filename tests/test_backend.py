@@ -229,3 +229,79 @@ def test_decode_plan_is_static():
     assert plan(1, 64, 8, 4, 128, True) == 16  # 32 rows = 4 row tiles per head
     assert plan(8, 16, 4, 1, 256, True, ctas=3) == 12
     assert plan(1, 8, 1, 1, 128, True, ctas=4) == 128  # capped at MAX_SPLITS
+
+
+class _RecordingOps:
+    def __init__(self):
+        self.scales = {}
+
+    def cache_write(self, key, value, kv_cache, slot_mapping, k_scale, v_scale):
+        self.scales["cache_write"] = (k_scale, v_scale)
+
+
+def _impl_with_settings(monkeypatch, additional_config, layers=2, kv_heads=4, head_dim=64, tp=(0, 1)):
+    model_config = SimpleNamespace(hf_text_config=SimpleNamespace(num_hidden_layers=layers),
+                                   get_total_num_kv_heads=lambda: kv_heads, get_head_size=lambda: head_dim)
+    cfg = SimpleNamespace(additional_config=additional_config, model_config=model_config)
+    monkeypatch.setattr(B, "get_current_vllm_config_or_none", lambda: cfg)
+    monkeypatch.setattr(B, "tensor_parallel_rank_and_size", lambda: tp)
+    return B.FireAttnImpl(8, head_dim, 0.125, kv_heads // tp[1], None, None, "fp8")
+
+
+def _layer(index):
+    return SimpleNamespace(layer_name=f"model.layers.{index}.self_attn.attn", _q_scale=torch.tensor(3.0),
+                           _k_scale=torch.tensor(3.0), _v_scale=torch.tensor(3.0))
+
+
+def test_calibrated_scales_reach_the_kernels(monkeypatch, tmp_path):
+    from vllm_fireattn import calibration
+
+    g = torch.Generator().manual_seed(1)
+    k, v, q = (torch.rand(2, 4, generator=g) + 0.5 for _ in range(3))
+    path = tmp_path / "cal.safetensors"
+    calibration.save(path, k, v, q, {"model": "m", "num_layers": 2, "num_kv_heads": 4, "head_dim": 64})
+    impl = _impl_with_settings(monkeypatch, {"fireattn": {"scales": "calibration", "calibration_file": str(path)}},
+                               tp=(1, 2))
+    impl.process_weights_after_loading(torch.bfloat16)
+    fake = _RecordingOps()
+    monkeypatch.setattr(B, "ops", fake)
+    impl.do_kv_cache_update(_layer(1), None, None, None, None)
+    k_scale, v_scale = fake.scales["cache_write"]
+    torch.testing.assert_close(k_scale, k[1, 2:4] / 448.0)  # layer 1, TP rank 1 of 2: KV heads 2 and 3
+    torch.testing.assert_close(v_scale, v[1, 2:4] / 448.0)
+    q_scale, _, _ = impl._scales(_layer(0))
+    torch.testing.assert_close(q_scale, q[0, 2:4] / 448.0)
+
+
+def test_scales_one_overrides_the_checkpoint(monkeypatch):
+    impl = _impl_with_settings(monkeypatch, {"fireattn": {"scales": "one"}})
+    impl.process_weights_after_loading(torch.bfloat16)
+    assert all(float(s) == 1.0 for s in impl._scales(_layer(0)))
+    checkpoint = _impl_with_settings(monkeypatch, {})
+    checkpoint.process_weights_after_loading(torch.bfloat16)
+    assert all(float(s) == 3.0 for s in checkpoint._scales(_layer(0)))
+
+
+def test_a_calibration_file_for_another_model_stops_startup(monkeypatch, tmp_path):
+    from vllm_fireattn import calibration
+
+    path = tmp_path / "other.safetensors"
+    calibration.save(path, torch.ones(30, 3), torch.ones(30, 3), torch.ones(30, 3),
+                     {"model": "SmolLM2", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64})
+    impl = _impl_with_settings(monkeypatch, {"fireattn": {"scales": "calibration", "calibration_file": str(path)}})
+    with pytest.raises(calibration.CalibrationError, match="made for model 'SmolLM2' and does not match"):
+        impl.process_weights_after_loading(torch.bfloat16)
+
+
+def test_bad_settings_stop_startup(monkeypatch):
+    from vllm_fireattn.settings import FireAttnConfigError
+
+    with pytest.raises(FireAttnConfigError, match="accepted values"):
+        _impl_with_settings(monkeypatch, {"fireattn": {"scales": "per-head"}})
+
+
+def test_decode_splits_setting_overrides_the_plan(monkeypatch):
+    b = _builder()
+    b.settings = B.resolve({"fireattn": {"decode_splits": 7}})
+    m = b.build(0, _common([1, 1], [5, 9], torch.zeros(2, 1, dtype=torch.int32)))
+    assert m.decode_num_splits == 7

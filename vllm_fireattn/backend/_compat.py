@@ -19,7 +19,8 @@ logger = logging.getLogger("vllm.fireattn")  # under vLLM's logger: same handler
 
 SUPPORTED_VLLM_SERIES = ("0.26",)
 
-from vllm.config import VllmConfig  # noqa: E402
+from vllm.config import VllmConfig, get_current_vllm_config_or_none  # noqa: E402
+from vllm.model_executor.models.utils import extract_layer_index  # noqa: E402
 from vllm.platforms.interface import DeviceCapability  # noqa: E402
 from vllm.utils.torch_utils import is_quantized_kv_cache  # noqa: E402
 from vllm.v1.attention.backend import (  # noqa: E402
@@ -50,9 +51,21 @@ __all__ = [
     "DeviceCapability",
     "MultipleOf",
     "VllmConfig",
+    "extract_layer_index",
+    "get_current_vllm_config_or_none",
     "is_quantized_kv_cache",
+    "tensor_parallel_rank_and_size",
     "split_decodes_and_prefills",
 ]
+
+
+def tensor_parallel_rank_and_size() -> tuple[int, int]:
+    """This worker's tensor-parallel rank and group size ((0, 1) before distributed init)."""
+    from vllm.distributed import parallel_state as ps
+
+    if getattr(ps, "_TP", None) is None:
+        return 0, 1
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
 
 def vllm_series() -> str:

@@ -28,11 +28,15 @@ from vllm_fireattn.backend._compat import (
     DeviceCapability,
     MultipleOf,
     VllmConfig,
+    extract_layer_index,
+    get_current_vllm_config_or_none,
     is_quantized_kv_cache,
     logger,
     split_decodes_and_prefills,
+    tensor_parallel_rank_and_size,
 )
 from vllm_fireattn.ops.plan import decode_num_splits
+from vllm_fireattn.settings import FireAttnSettings, resolve
 
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
@@ -195,6 +199,7 @@ class FireAttnMetadataBuilder(AttentionMetadataBuilder[FireAttnMetadata]):
         self.num_q_heads = (model_config.get_num_attention_heads(vllm_config.parallel_config)
                             if model_config is not None else self.num_kv_heads)
         self.fp16 = getattr(model_config, "dtype", None) == torch.float16
+        self.settings = resolve(getattr(vllm_config, "additional_config", None))
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FireAttnMetadata:
@@ -217,9 +222,9 @@ class FireAttnMetadataBuilder(AttentionMetadataBuilder[FireAttnMetadata]):
             num_decode_tokens=num_decode_tokens,
             decode_max_query_len=self.decode_max_query_len,
             # Static shapes only (the padded batch size under CUDA graphs), so capture and replay agree.
-            decode_num_splits=decode_num_splits(num_decodes, self.num_q_heads, self.num_kv_heads,
-                                                self.decode_max_query_len, self.head_size, self.fp8_cache,
-                                                fp16=self.fp16),
+            decode_num_splits=self.settings.decode_splits or decode_num_splits(
+                num_decodes, self.num_q_heads, self.num_kv_heads, self.decode_max_query_len, self.head_size,
+                self.fp8_cache, fp16=self.fp16),
             num_prefills=num_prefills,
             num_prefill_tokens=num_prefill_tokens,
             decode_query_start_loc=cm.query_start_loc[: num_decodes + 1],
@@ -281,14 +286,39 @@ class FireAttnImpl(AttentionImpl[FireAttnMetadata]):
             raise ValueError(f"sinks must have shape ({num_heads},), got {tuple(sinks.shape)}")
         self.sinks = sinks
         self._sinks_f32: torch.Tensor | None = None
+        # Model and settings come from the config vLLM sets while it builds the model.
+        vllm_config = get_current_vllm_config_or_none()
+        self._model_config = getattr(vllm_config, "model_config", None)
+        self.settings: FireAttnSettings = resolve(getattr(vllm_config, "additional_config", None))
+        self._scale_table: dict[str, torch.Tensor] | None = None  # "q"/"k"/"v": [layers, local kv heads]
+        self._layer_scales: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if not FireAttnImpl._logged:
             FireAttnImpl._logged = True
-            logger.info("Using %s attention backend (vllm-fireattn %s)", BACKEND_NAME, __version__)
+            logger.info("Using %s attention backend (vllm-fireattn %s); settings: %s", BACKEND_NAME, __version__,
+                        self.settings.describe())
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         # Sinks are loaded after __init__; keep one float32 copy at a fixed address (CUDA graphs).
         if self.sinks is not None:
             self._sinks_f32 = self.sinks.detach().to(torch.float32).contiguous()
+        # Scale overrides live on the device before any CUDA graph is captured.
+        if self.is_fp8 and self.settings.scales != "checkpoint" and self._scale_table is None:
+            device = self.sinks.device if self.sinks is not None else _current_device()
+            self._scale_table = scale_table(self.settings, self._model_config, self.num_kv_heads, self.head_size,
+                                            device)
+
+    def _scales(self, layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v) scales: the layer's own (checkpoint or 1.0), or the settings' override."""
+        if self._scale_table is None:
+            return layer._q_scale, layer._k_scale, layer._v_scale
+        name = getattr(layer, "layer_name", "")
+        cached = self._layer_scales.get(name)
+        if cached is None:  # views of the device table: no copy, safe inside CUDA graph capture
+            t = self._scale_table
+            i = extract_layer_index(name) if t["q"].dim() == 2 else None
+            cached = tuple(t[k] if i is None else t[k][i] for k in ("q", "k", "v"))
+            self._layer_scales[name] = cached
+        return cached
 
     def _float_sinks(self) -> torch.Tensor | None:
         if self.sinks is None:
@@ -299,7 +329,8 @@ class FireAttnImpl(AttentionImpl[FireAttnMetadata]):
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
-        ops.cache_write(key, value, kv_cache, slot_mapping, layer._k_scale, layer._v_scale)
+        _, k_scale, v_scale = self._scales(layer)
+        ops.cache_write(key, value, kv_cache, slot_mapping, k_scale, v_scale)
 
     def forward(
         self,
@@ -319,7 +350,7 @@ class FireAttnImpl(AttentionImpl[FireAttnMetadata]):
             return output.fill_(0)
         m = attn_metadata
         sinks = self._float_sinks()
-        scales = (layer._q_scale, layer._k_scale, layer._v_scale)
+        scales = self._scales(layer)
         if m.num_decodes > 0:
             ops.decode(
                 output, query, kv_cache, m.decode_block_table, m.decode_query_start_loc, m.decode_seq_lens,
@@ -333,3 +364,41 @@ class FireAttnImpl(AttentionImpl[FireAttnMetadata]):
                 sinks, None,
             )
         return output
+
+
+def _current_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+_TABLES: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def scale_table(settings: FireAttnSettings, model_config, num_kv_heads: int, head_size: int,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """The scale override shared by every layer of this worker: scales="one" gives 0-dim 1.0
+    tensors; scales="calibration" gives [num_layers, this rank's KV heads] tables from the file,
+    which must match the model (layers, total KV heads, head size)."""
+    from vllm_fireattn import calibration
+
+    rank, size = tensor_parallel_rank_and_size()
+    key = (settings.scales, settings.calibration_file, str(device), rank, size)
+    if key in _TABLES:
+        return _TABLES[key]
+    if settings.scales == "one":
+        one = torch.ones((), dtype=torch.float32, device=device)
+        table = {"q": one, "k": one, "v": one}
+    else:
+        cal = calibration.load(settings.calibration_file)
+        if model_config is None:
+            raise calibration.CalibrationError("no model config to check the calibration file against")
+        cal.check_model(model_config.hf_text_config.num_hidden_layers, model_config.get_total_num_kv_heads(),
+                        model_config.get_head_size(), settings.calibration_file)
+        table = {k: v.to(device) for k, v in cal.scales(rank, size).items()}
+        if table["k"].shape[1] != num_kv_heads:
+            raise calibration.CalibrationError(
+                f"calibration gives {table['k'].shape[1]} KV heads for tensor-parallel rank {rank} of {size}, "
+                f"the layer has {num_kv_heads}")
+        logger.info("FIREATTN: per-KV-head scales from %s (%d layers, KV heads %d/%d on TP rank %d)",
+                    settings.calibration_file, cal.num_layers, num_kv_heads, cal.num_kv_heads, rank)
+    _TABLES[key] = table
+    return table

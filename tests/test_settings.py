@@ -1,0 +1,42 @@
+"""CPU: FIREATTN settings from --additional-config and FIREATTN_* variables, and their errors."""
+import pytest
+
+from vllm_fireattn.settings import FireAttnConfigError, FireAttnSettings, resolve
+
+
+def test_defaults():
+    assert resolve({}, {}) == FireAttnSettings("checkpoint", None, None)
+    assert resolve(None, {}).describe() == "scales=checkpoint, calibration_file=None, decode_splits=auto"
+
+
+def test_additional_config_wins_over_environment(tmp_path):
+    f = tmp_path / "cal.safetensors"
+    f.write_bytes(b"x")
+    env = {"FIREATTN_SCALES": "one", "FIREATTN_DECODE_SPLITS": "4"}
+    assert resolve({}, env) == FireAttnSettings("one", None, 4)
+    got = resolve({"fireattn": {"scales": "calibration", "calibration_file": str(f), "decode_splits": "auto"}}, env)
+    assert got == FireAttnSettings("calibration", str(f), None)
+    assert resolve({"fireattn": {"decode_splits": 16}}, {}).decode_splits == 16
+
+
+@pytest.mark.parametrize("config,env,match", [
+    ({"fireattn": {"scales": "fp8"}}, {}, r"fireattn.scales='fp8': accepted values are \['checkpoint', 'calibration', 'one'\]"),
+    ({}, {"FIREATTN_SCALES": "calibrated"}, r"FIREATTN_SCALES='calibrated': accepted values"),
+    ({"fireattn": {"scale": "one"}}, {}, r"unknown keys \['scale'\]; accepted keys"),
+    ({"fireattn": {"scales": "calibration"}}, {}, r"needs a calibration file"),
+    ({"fireattn": {"calibration_file": "/nonexistent.safetensors", "scales": "calibration"}}, {}, r"no such file"),
+    ({}, {"FIREATTN_DECODE_SPLITS": "0"}, r"FIREATTN_DECODE_SPLITS='0': accepted values are 'auto' or an integer 1..128"),
+    ({"fireattn": {"decode_splits": 1.5}}, {}, r"decode_splits=1.5"),
+    ({"fireattn": {"decode_splits": True}}, {}, r"decode_splits=True"),
+    ({"fireattn": "one"}, {}, r"must be a JSON object"),
+])
+def test_bad_values_name_the_value_and_the_accepted_ones(config, env, match):
+    with pytest.raises(FireAttnConfigError, match=match):
+        resolve(config, env)
+
+
+def test_calibration_file_without_calibration_scales_is_refused(tmp_path):
+    f = tmp_path / "cal.safetensors"
+    f.write_bytes(b"x")
+    with pytest.raises(FireAttnConfigError, match="set scales to 'calibration'"):
+        resolve({}, {"FIREATTN_CALIBRATION_FILE": str(f)})
