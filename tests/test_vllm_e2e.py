@@ -25,7 +25,7 @@ import pytest
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm_gpu]
 
 HERE = Path(__file__).parent
-CONFIGS = HERE / "configs"
+CONFIGS = HERE.parent / "vllm_fireattn" / "bench" / "configs"  # the e2e benchmark's model configs
 SMOLLM2 = Path(os.environ.get("FIREATTN_SMOLLM2_DIR", "/tmp/smollm2-hf"))
 IMPL = "vllm_fireattn.backend.backend.FireAttnImpl"
 

@@ -1,38 +1,26 @@
 """python -m vllm_fireattn.bench {prefill,decode} [--quick] [--out FILE.json]
-   python -m vllm_fireattn.bench plot FILE.json [--png FILE.png]"""
+   python -m vllm_fireattn.bench plot FILE.json [--png FILE.png]
+   python -m vllm_fireattn.bench e2e {run,report} ...   (see vllm_fireattn/bench/e2e.py)"""
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
+import sys
 from pathlib import Path
 
-import torch
-
 from vllm_fireattn.bench import kernels
-
-
-def environment(command: str) -> dict:
-    import vllm
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except OSError:
-        commit = ""
-    commit = commit or os.environ.get("FIREATTN_GIT_COMMIT", "")  # device copies carry no .git
-    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                            capture_output=True, text=True).stdout.strip()
-    return {"gpu": torch.cuda.get_device_name(), "driver": driver, "cuda": torch.version.cuda,
-            "torch": torch.__version__, "vllm": vllm.__version__, "commit": commit, "command": command,
-            "python": platform.python_version()}
+from vllm_fireattn.bench.env import environment
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["e2e"]:
+        from vllm_fireattn.bench import e2e
+
+        e2e.main(argv[1:])
+        return
     ap = argparse.ArgumentParser(prog="python -m vllm_fireattn.bench", description=__doc__)
-    ap.add_argument("bench", choices=["prefill", "decode", "plot"])
+    ap.add_argument("bench", choices=["prefill", "decode", "plot", "e2e"])
     ap.add_argument("json", nargs="?", help="plot: the benchmark JSON to plot")
     ap.add_argument("--quick", action="store_true", help="the anchor shapes only")
     ap.add_argument("--out", help="write {env, records} JSON here")

@@ -1,0 +1,75 @@
+"""CPU: the e2e benchmark's analysis (fits, break-even, ratios), report and resumable files.
+The measurement itself needs a GPU and runs as `python -m vllm_fireattn.bench e2e run`."""
+import json
+
+import pytest
+
+from vllm_fireattn.bench import e2e
+
+
+def test_polyfit_recovers_lines_and_parabolas():
+    xs = [256, 1024, 4096, 16384, 65536]
+    assert e2e._polyfit(xs, [3 + 2e-4 * x for x in xs], 1) == pytest.approx([2e-4, 3])
+    assert e2e._polyfit(xs, [1e-6 * x * x + 0.01 * x + 5 for x in xs], 2) == pytest.approx([1e-6, 0.01, 5])
+
+
+def _sweep(backend, kv, slope, intercept, quad, lens=(256, 2048, 8192, 32768, 125000), skip=()):
+    return [dict(bench="e2e_sweep", model="llama31-8b", backend=backend, impl=e2e.IMPL_NAMES[backend], kv_dtype=kv,
+                 skip_layers=list(skip), input_len=n, output_len=128, itl_ms=intercept + slope * n,
+                 ttft_ms=quad * n * n + 0.02 * n + 20) for n in lens]
+
+
+def _load(backend, kv, tok_s):
+    return dict(bench="e2e_load", model="llama31-8b", backend=backend, impl=e2e.IMPL_NAMES[backend], kv_dtype=kv,
+                skip_layers=[], input_len=32768, output_len=1024, concurrency=8, output_tok_per_s=tok_s)
+
+
+def test_analysis_reports_the_study_metrics():
+    records = (_sweep("FLASH_ATTN", "bf16", 4e-5, 6.0, 1e-7) + _sweep("FLASH_ATTN", "fp8", 3.4e-5, 6.3, 9e-8)
+               + _sweep("FIREATTN", "fp8", 2e-5, 6.02, 7e-8) + [_load("FLASH_ATTN", "bf16", 1000.0),
+                                                                  _load("FIREATTN", "fp8", 1250.0)])
+    fits = {(f["backend"], f["kv_dtype"]): f for f in e2e.analyze(records)}
+    ours, fa8 = fits[("FIREATTN", "fp8")], fits[("FLASH_ATTN", "fp8")]
+    assert ours["itl_slope_vs_fa3_bf16"] == pytest.approx(0.5)
+    assert ours["itl_intercept_minus_fa3_bf16_ms"] == pytest.approx(0.02)
+    assert ours["break_even_vs_fa3_bf16_tokens"] == pytest.approx(0.02 / 2e-5)  # 1000 tokens
+    assert fa8["break_even_vs_fa3_bf16_tokens"] == pytest.approx(0.3 / 0.6e-5)  # 50000 tokens
+    want_ttft = (7e-8 * 125000**2 + 0.02 * 125000 + 20) / (1e-7 * 125000**2 + 0.02 * 125000 + 20)
+    assert ours["ttft_vs_fa3_bf16_at_max"] == pytest.approx(want_ttft)
+    assert ours["load_vs_fa3_bf16"] == pytest.approx(1.25)
+    assert fits[("FLASH_ATTN", "bf16")]["itl_slope_vs_fa3_bf16"] == pytest.approx(1.0)
+
+
+def test_break_even_edge_cases():
+    f = lambda s, i: {"itl_slope_ms_per_token": s, "itl_intercept_ms": i}  # noqa: E731
+    assert e2e.break_even(f(1e-5, 5.0), f(2e-5, 6.0)) == 0.0  # better everywhere
+    assert e2e.break_even(f(3e-5, 7.0), f(2e-5, 6.0)) is None  # worse everywhere
+    assert e2e.break_even(f(2e-5, 5.0), f(2e-5, 6.0)) == 0.0
+
+
+def test_report_merges_a_directory_and_resumes_by_file(tmp_path):
+    d = tmp_path / "e2e"
+    for backend, kv, slope in (("FLASH_ATTN", "bf16", 4e-5), ("FIREATTN", "fp8", 2e-5)):
+        path = e2e.result_path(d, "llama31-8b", backend, "auto" if kv == "bf16" else kv, [])
+        data = e2e.load_results(path)
+        assert data["records"] == []
+        data["records"] = _sweep(backend, kv, slope, 6.0, 1e-7)
+        data["env"] = {"gpu": "NVIDIA H200", "vllm": "0.26.0", "commit": "abc"}
+        e2e._save(path, data)
+    assert e2e.result_path(d, "gemma3-12b-text", "FIREATTN", "fp8", ["sliding_window"]).name == \
+        "gemma3-12b-text__FIREATTN__fp8__skip-sliding_window.json"
+    out = e2e.report(d, tmp_path / "docs" / "e2e_report.md")
+    text = out.read_text()
+    assert "## llama31-8b" in text and "| FIREATTN | fp8 | - | 0.0200 | 0.50 |" in text
+    merged = json.loads(out.with_suffix(".json").read_text())
+    assert sum(r["bench"] == "e2e_fit" for r in merged["records"]) == 2
+
+
+def test_report_without_results_says_so(tmp_path):
+    out = e2e.report(tmp_path / "none", tmp_path / "r.md")
+    assert "No e2e results yet" in out.read_text()
+
+
+def test_cli_rejects_a_one_token_output():
+    with pytest.raises(SystemExit):
+        e2e.main(["run", "--model", "llama31-8b", "--backend", "FIREATTN", "--kv", "fp8", "--output-len", "1"])

@@ -1,0 +1,332 @@
+"""End-to-end benchmark through vLLM: the method of vLLM's FP8 KV-cache study.
+
+  python -m vllm_fireattn.bench e2e run --model llama31-8b --backend FIREATTN --kv fp8 [--skip-layers sliding_window]
+  python -m vllm_fireattn.bench e2e report [--dir benchmarks/results/e2e] [--out docs/e2e_report.md]
+
+`run` measures one backend x KV dtype x model in one process (one engine; pieces fit a 10-minute
+GPU slot) and appends to `<dir>/<model>__<backend>__<kv>[__skip-...].json` after every point, so
+an interrupted run resumes where it stopped:
+- sweep: concurrency 1, input lengths 256..125k, fixed output length. TTFT is the time of a
+  1-token request; ITL = (time of an output_len-token request - TTFT) / (output_len - 1). Each
+  point is the median of --reps requests with fresh random token ids (prefix caching off).
+- load: --load-requests concurrent requests of --load-input tokens in, --load-output out;
+  output tokens per second.
+`report` merges every JSON of a directory and writes the markdown report (fits, ratios against
+FLASH_ATTN BF16, targets) plus PNG plots next to it: ITL = slope x input_len + intercept (least
+squares), TTFT = quadratic fit, break-even input length against BF16 of the same backend family.
+
+Models are dummy-weight configs shipped in vllm_fireattn/bench/configs (no weights, no
+tokenizer: token-id prompts).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+CONFIGS = Path(__file__).parent / "configs"
+MODELS = ("llama31-8b", "llama-hd64", "gemma3-12b-text")
+BACKENDS = ("FIREATTN", "FLASH_ATTN", "FLASHINFER")
+IMPL_NAMES = {"FIREATTN": "fireattn", "FLASH_ATTN": "fa3", "FLASHINFER": "flashinfer"}
+SWEEP_INPUT_LENS = (256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 125000)
+RESULT_DIR = Path("benchmarks/results/e2e")
+
+
+# ---- measurement (needs a GPU and vLLM) ----------------------------------------------------
+
+def _engine(model: str, backend: str, kv: str, skip_layers: list[str], max_model_len: int, max_num_seqs: int,
+            gpu_memory_utilization: float):
+    from vllm import LLM
+
+    kwargs = dict(model=str(CONFIGS / model), load_format="dummy", skip_tokenizer_init=True, attention_backend=backend,
+                  kv_cache_dtype=kv, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=0,
+                  enable_prefix_caching=False, gpu_memory_utilization=gpu_memory_utilization)
+    if skip_layers:
+        kwargs["kv_cache_dtype_skip_layers"] = skip_layers
+    return LLM(**kwargs)
+
+
+def _timed(llm, prompts: list[list[int]], max_tokens: int) -> float:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 1) for _ in range(length)] for _ in range(n)]
+
+
+def result_path(out_dir: Path, model: str, backend: str, kv: str, skip_layers: list[str]) -> Path:
+    name = f"{model}__{backend}__{kv}" + (f"__skip-{'-'.join(skip_layers)}" if skip_layers else "")
+    return Path(out_dir) / f"{name}.json"
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"env": {}, "records": []}
+
+
+def _save(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)  # atomic: an interrupted run never leaves half a file
+
+
+def run(model: str, backend: str, kv: str, skip_layers: list[str], out_dir: Path, kinds: list[str],
+        input_lens: list[int], output_len: int, reps: int, load_requests: int, load_input: int, load_output: int,
+        gpu_memory_utilization: float, command: str) -> Path:
+    from tqdm import tqdm
+
+    from vllm_fireattn.bench.env import environment
+
+    path = result_path(out_dir, model, backend, kv, skip_layers)
+    data = load_results(path)
+    data["env"] = environment(command)
+    base = dict(model=model, impl=IMPL_NAMES[backend], backend=backend, kv_dtype="bf16" if kv == "auto" else kv,
+                skip_layers=skip_layers)
+    done = {(r["bench"], r.get("input_len")) for r in data["records"]}
+    todo = [n for n in input_lens if ("e2e_sweep", n) not in done] if "sweep" in kinds else []
+    need_load = "load" in kinds and ("e2e_load", load_input) not in done
+    if not todo and not need_load:
+        print(f"{path}: complete")
+        return path
+    vocab = json.loads((CONFIGS / model / "config.json").read_text()).get("vocab_size", 32000)
+    max_len = max([n + output_len for n in todo] + ([load_input + load_output] if need_load else []))
+    llm = _engine(model, backend, kv, skip_layers, max_len + 16, max(8, load_requests), gpu_memory_utilization)
+    _timed(llm, _random_prompts(1, 512, vocab, 0), 8)  # warm-up (graphs, allocator)
+    for n in tqdm(todo, desc=f"{model} {backend} {kv} sweep", unit="len"):
+        ttft, total = [], []
+        for r in range(reps):
+            ttft.append(_timed(llm, _random_prompts(1, n, vocab, 2 * r + 1), 1))
+            total.append(_timed(llm, _random_prompts(1, n, vocab, 2 * r + 2), output_len))
+        t1, tn = statistics.median(ttft), statistics.median(total)
+        data["records"].append(dict(base, bench="e2e_sweep", input_len=n, output_len=output_len, reps=reps,
+                                    ttft_ms=t1, total_ms=tn, itl_ms=(tn - t1) / (output_len - 1)))
+        _save(path, data)
+    if need_load:
+        ms = _timed(llm, _random_prompts(load_requests, load_input, vocab, 99), load_output)
+        data["records"].append(dict(base, bench="e2e_load", input_len=load_input, output_len=load_output,
+                                    concurrency=load_requests, ms=ms,
+                                    output_tok_per_s=load_requests * load_output / (ms / 1e3)))
+        _save(path, data)
+    return path
+
+
+# ---- analysis (pure Python, CPU) -----------------------------------------------------------
+
+def _polyfit(xs: list[float], ys: list[float], degree: int) -> list[float]:
+    """Least-squares polynomial coefficients, highest power first (numpy-free normal equations)."""
+    n = degree + 1
+    a = [[sum(x ** (2 * degree - i - j) for x in xs) for j in range(n)] for i in range(n)]
+    b = [sum(y * x ** (degree - i) for x, y in zip(xs, ys)) for i in range(n)]
+    for c in range(n):  # Gauss-Jordan with partial pivoting
+        p = max(range(c, n), key=lambda r: abs(a[r][c]))
+        a[c], a[p], b[c], b[p] = a[p], a[c], b[p], b[c]
+        if a[c][c] == 0:
+            raise ValueError("degenerate fit: not enough distinct input lengths")
+        for r in range(n):
+            if r != c:
+                f = a[r][c] / a[c][c]
+                a[r] = [u - f * v for u, v in zip(a[r], a[c])]
+                b[r] -= f * b[c]
+    return [b[i] / a[i][i] for i in range(n)]
+
+
+def fit_sweep(records: list[dict]) -> dict:
+    """ITL linear fit (ms per input token, ms) and TTFT quadratic fit of one variant's sweep."""
+    pts = sorted((r["input_len"], r["itl_ms"], r["ttft_ms"]) for r in records)
+    if len(pts) < 3:
+        raise ValueError(f"need >= 3 input lengths to fit, got {len(pts)}")
+    xs = [float(p[0]) for p in pts]
+    slope, intercept = _polyfit(xs, [p[1] for p in pts], 1)
+    qa, qb, qc = _polyfit(xs, [p[2] for p in pts], 2)
+    return {"itl_slope_ms_per_token": slope, "itl_intercept_ms": intercept, "ttft_quad_ms": [qa, qb, qc],
+            "max_input_len": int(max(xs))}
+
+
+def ttft_at(fit: dict, n: float) -> float:
+    a, b, c = fit["ttft_quad_ms"]
+    return a * n * n + b * n + c
+
+
+def break_even(fit: dict, ref: dict) -> float | None:
+    """Input length above which `fit`'s ITL is below `ref`'s (0 if always, None if never)."""
+    ds = ref["itl_slope_ms_per_token"] - fit["itl_slope_ms_per_token"]
+    di = fit["itl_intercept_ms"] - ref["itl_intercept_ms"]
+    if ds <= 0:
+        return 0.0 if di <= 0 else None
+    return max(0.0, di / ds)
+
+
+def _variant(r: dict) -> tuple:
+    return (r["model"], r["backend"], r["kv_dtype"], tuple(r.get("skip_layers") or ()))
+
+
+def analyze(records: list[dict]) -> list[dict]:
+    """e2e_fit records: per variant, fits and ratios against FLASH_ATTN BF16 of the same model."""
+    sweeps: dict[tuple, list[dict]] = {}
+    loads: dict[tuple, dict] = {}
+    for r in records:
+        if r["bench"] == "e2e_sweep":
+            sweeps.setdefault(_variant(r), []).append(r)
+        elif r["bench"] == "e2e_load":
+            loads[_variant(r)] = r
+    fits = {}
+    for v, rs in sweeps.items():
+        try:
+            fits[v] = fit_sweep(rs)
+        except ValueError:
+            continue
+    out = []
+    for v in sorted(set(fits) | set(loads)):
+        model, backend, kv, skip = v
+        ref_key = (model, "FLASH_ATTN", "bf16", ())
+        rec = dict(bench="e2e_fit", model=model, backend=backend, impl=IMPL_NAMES.get(backend, backend),
+                   kv_dtype=kv, skip_layers=list(skip))
+        f, ref = fits.get(v), fits.get(ref_key)
+        if f:
+            rec.update(f)
+            rec["ttft_at_max_ms"] = ttft_at(f, f["max_input_len"])
+        if f and ref:
+            rec["itl_slope_vs_fa3_bf16"] = f["itl_slope_ms_per_token"] / ref["itl_slope_ms_per_token"]
+            rec["itl_intercept_minus_fa3_bf16_ms"] = f["itl_intercept_ms"] - ref["itl_intercept_ms"]
+            n = min(f["max_input_len"], ref["max_input_len"])
+            rec["ttft_vs_fa3_bf16_at_max"] = ttft_at(f, n) / ttft_at(ref, n)
+            rec["break_even_vs_fa3_bf16_tokens"] = break_even(f, ref)
+        bf16 = fits.get((model, backend, "bf16", ()))
+        if f and bf16 and kv != "bf16":
+            rec["break_even_vs_own_bf16_tokens"] = break_even(f, bf16)
+        if v in loads:
+            rec["load_output_tok_per_s"] = loads[v]["output_tok_per_s"]
+            if ref_key in loads:
+                rec["load_vs_fa3_bf16"] = loads[v]["output_tok_per_s"] / loads[ref_key]["output_tok_per_s"]
+        out.append(rec)
+    return out
+
+
+def _fmt(x, spec=".2f", none="-"):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return none
+    return format(x, spec)
+
+
+def markdown(fits: list[dict], envs: list[dict], sources: list[str]) -> str:
+    lines = ["# End-to-end benchmark report (generated by `python -m vllm_fireattn.bench e2e report`)", ""]
+    if not fits:
+        return "\n".join(lines + ["No e2e results yet: run `python -m vllm_fireattn.bench e2e run ...` on a GPU.", ""])
+    gpus = sorted({e.get("gpu", "?") for e in envs})
+    lines += [f"GPU: {', '.join(gpus)}; vLLM {', '.join(sorted({e.get('vllm', '?') for e in envs}))}; "
+              f"commits {', '.join(sorted({e.get('commit', '?') or '?' for e in envs}))}. Sources: "
+              + ", ".join(f"`{s}`" for s in sources), ""]
+    for model in sorted({f["model"] for f in fits}):
+        lines += [f"## {model}", "",
+                  "| backend | KV | skip | ITL slope (us/tok) | x FA3 BF16 | intercept (ms) | d intercept (ms) | "
+                  "TTFT@max (ms) | x FA3 BF16 | break-even vs FA3 BF16 (tok) | load (tok/s) | x FA3 BF16 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for f in [f for f in fits if f["model"] == model]:
+            slope = f.get("itl_slope_ms_per_token")
+            lines.append(
+                f"| {f['backend']} | {f['kv_dtype']} | {','.join(f['skip_layers']) or '-'} | "
+                f"{_fmt(None if slope is None else slope * 1e3, '.4f')} | {_fmt(f.get('itl_slope_vs_fa3_bf16'))} | "
+                f"{_fmt(f.get('itl_intercept_ms'), '.3f')} | {_fmt(f.get('itl_intercept_minus_fa3_bf16_ms'), '+.3f')} | "
+                f"{_fmt(f.get('ttft_at_max_ms'), '.0f')} | {_fmt(f.get('ttft_vs_fa3_bf16_at_max'))} | "
+                f"{_fmt(f.get('break_even_vs_fa3_bf16_tokens'), '.0f', 'never')} | "
+                f"{_fmt(f.get('load_output_tok_per_s'), '.0f')} | {_fmt(f.get('load_vs_fa3_bf16'))} |")
+        lines += ["", f"![ITL]({model}_itl.png) ![TTFT]({model}_ttft.png)", ""]
+    return "\n".join(lines)
+
+
+def plots(records: list[dict], fits: list[dict], out_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots (pip install matplotlib)")
+        return []
+    written = []
+    for model in sorted({r["model"] for r in records if r["bench"] == "e2e_sweep"}):
+        for metric, fname in (("itl_ms", "itl"), ("ttft_ms", "ttft")):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for f in [f for f in fits if f["model"] == model and "itl_slope_ms_per_token" in f]:
+                v = (model, f["backend"], f["kv_dtype"], tuple(f["skip_layers"]))
+                pts = sorted((r["input_len"], r[metric]) for r in records
+                             if r["bench"] == "e2e_sweep" and _variant(r) == v)
+                label = f"{f['backend']} {f['kv_dtype']}" + (f" skip {','.join(f['skip_layers'])}" if f["skip_layers"] else "")
+                line = ax.plot(*zip(*pts), "o", label=label)[0]
+                xs = [i * f["max_input_len"] / 50 for i in range(51)]
+                ys = ([f["itl_intercept_ms"] + f["itl_slope_ms_per_token"] * x for x in xs] if metric == "itl_ms"
+                      else [ttft_at(f, x) for x in xs])
+                ax.plot(xs, ys, "-", color=line.get_color(), alpha=0.6)
+            ax.set_xlabel("input length (tokens)")
+            ax.set_ylabel("ITL (ms)" if metric == "itl_ms" else "TTFT (ms)")
+            ax.set_title(f"{model}: {'ITL, linear fit' if metric == 'itl_ms' else 'TTFT, quadratic fit'}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            path = out_dir / f"{model}_{fname}.png"
+            fig.tight_layout()
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def report(result_dir: Path, out: Path) -> Path:
+    files = sorted(Path(result_dir).glob("*.json"))
+    records, envs = [], []
+    for f in files:
+        d = json.loads(f.read_text())
+        records += d.get("records", [])
+        envs.append(d.get("env", {}))
+    fits = analyze(records)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    merged = out.with_suffix(".json")
+    merged.write_text(json.dumps({"env": envs, "records": records + fits}, indent=1))
+    plots(records, fits, out.parent)
+    out.write_text(markdown(fits, envs, [str(f) for f in files]) + "\n")
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m vllm_fireattn.bench e2e", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="measure one backend x KV dtype x model (resumable)")
+    r.add_argument("--model", choices=MODELS, required=True)
+    r.add_argument("--backend", choices=BACKENDS, required=True)
+    r.add_argument("--kv", choices=["fp8", "auto"], required=True, help="auto = the model dtype (BF16)")
+    r.add_argument("--skip-layers", nargs="*", default=[], help="vLLM's --kv-cache-dtype-skip-layers")
+    r.add_argument("--kinds", nargs="+", choices=["sweep", "load"], default=["sweep", "load"])
+    r.add_argument("--input-lens", type=int, nargs="+", default=list(SWEEP_INPUT_LENS))
+    r.add_argument("--output-len", type=int, default=128)
+    r.add_argument("--reps", type=int, default=3)
+    r.add_argument("--load-requests", type=int, default=8)
+    r.add_argument("--load-input", type=int, default=32768)
+    r.add_argument("--load-output", type=int, default=1024)
+    r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    r.add_argument("--out-dir", type=Path, default=RESULT_DIR)
+    p = sub.add_parser("report", help="merge a result directory into a markdown report with fits and plots")
+    p.add_argument("--dir", type=Path, default=RESULT_DIR)
+    p.add_argument("--out", type=Path, default=Path("docs/e2e_report.md"))
+    a = ap.parse_args(argv)
+    if a.cmd == "report":
+        print(f"wrote {report(a.dir, a.out)}")
+        return
+    if a.output_len < 2:
+        ap.error("--output-len must be >= 2 (ITL needs two tokens)")
+    cmd = "python -m vllm_fireattn.bench e2e run " + " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(a).items() if k not in ("cmd",) and v not in (None, []))
+    path = run(a.model, a.backend, a.kv, a.skip_layers, a.out_dir, a.kinds, a.input_lens, a.output_len, a.reps,
+               a.load_requests, a.load_input, a.load_output, a.gpu_memory_utilization, cmd)
+    print(f"wrote {path}")

@@ -1,0 +1,29 @@
+"""The environment every benchmark JSON records (GPU, driver, versions, commit, command)."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def environment(command: str) -> dict:
+    import vllm
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except OSError:
+        commit = ""
+    commit = commit or os.environ.get("FIREATTN_GIT_COMMIT", "")  # device copies carry no .git
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        driver = ""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return {"gpu": gpu, "driver": driver, "cuda": torch.version.cuda,
+            "torch": torch.__version__, "vllm": vllm.__version__, "commit": commit, "command": command,
+            "python": platform.python_version()}
