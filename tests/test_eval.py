@@ -1,0 +1,54 @@
+"""CPU: the accuracy harness's prompt building, scoring and report. Runs through vLLM need a GPU
+(python -m vllm_fireattn.eval run)."""
+import json
+import math
+
+import pytest
+
+from vllm_fireattn import eval as ev
+
+
+def _tokenize(s):
+    return [ord(c) for c in s]
+
+
+def test_needle_prompt_has_the_exact_length_and_the_needle_at_depth():
+    hay = [ord("a")] * 5000
+    for depth in (0.0, 0.5, 1.0):
+        ids = ev.needle_prompt(_tokenize, hay, 3000, depth, 12345)
+        assert len(ids) == 3000
+        text = "".join(map(chr, ids))
+        assert text.startswith(ev.INTRO) and text.endswith(ev.QUESTION)
+        pos = text.index("The pass key is 12345")
+        budget = 3000 - len(ev.INTRO) - len(ev.NEEDLE.format(key=12345)) - len(ev.QUESTION)
+        assert pos == len(ev.INTRO) + round(depth * budget) + 1  # +1: the needle starts with a newline
+    with pytest.raises(ValueError, match="too short"):
+        ev.needle_prompt(_tokenize, hay, 50, 0.5, 1)
+    with pytest.raises(ValueError, match="haystack has 5000 tokens"):
+        ev.needle_prompt(_tokenize, hay, 9000, 0.5, 1)
+
+
+def test_answers_and_perplexity():
+    assert ev.found(" 12345. Remember", 12345) and ev.found(" 12,345", 12345) and not ev.found(" 1234", 12345)
+    ppl, n = ev.perplexity([[None, math.log(0.5), math.log(0.25)], [None, math.log(0.5)]])
+    assert n == 3 and ppl == pytest.approx(math.exp((math.log(2) * 2 + math.log(4)) / 3))
+
+
+def test_report_tables_accuracy_per_context(tmp_path):
+    base = dict(model="smollm2", backend="FIREATTN", kv_dtype="fp8", label="")
+    records = [dict(base, bench="eval_ppl", ppl=4.41)]
+    records += [dict(base, bench="eval_needle", context=c, correct=ok) for c, ok in
+                ((1024, True), (1024, True), (4096, True), (4096, False))]
+    (tmp_path / "r.json").write_text(json.dumps({"env": {"gpu": "NVIDIA H200"}, "records": records}))
+    out = ev.report(tmp_path, tmp_path / "out" / "eval.md")
+    text = out.read_text()
+    assert "| FIREATTN fp8 | 4.410 | 100 | 50 |" in text
+    assert ev.summarize(records)["FIREATTN fp8"]["needle"] == {1024: 100.0, 4096: 50.0}
+
+
+def test_cli_checks_inputs(tmp_path):
+    with pytest.raises(SystemExit):
+        ev.main(["run", "--model", str(tmp_path), "--kv", "fp8", "--haystack", "/nonexistent", "--ppl-text", "x"])
+    with pytest.raises(SystemExit):
+        ev.main(["run", "--model", str(tmp_path), "--kv", "fp8", "--haystack", str(tmp_path), "--ppl-text",
+                 str(tmp_path), "--depths", "1.5"])
