@@ -62,7 +62,7 @@ def run(a) -> Path:
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
-    from vllm_fireattn.bench.env import environment
+    from vllm_fireattn.bench.env import command_line, environment
 
     kw = dict(model=a.model, attention_backend=a.backend, kv_cache_dtype=a.kv, seed=0, enable_prefix_caching=False,
               max_model_len=max(max(a.contexts), a.ppl_window) + 16, gpu_memory_utilization=a.gpu_memory_utilization)
@@ -101,8 +101,7 @@ def run(a) -> Path:
                             correct=found(text, k)))
     path = result_path(a.out_dir, a.model, a.backend, a.kv, a.label)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python -m vllm_fireattn.eval run " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "cmd" and v not in (None, [], ""))
+    cmd = command_line("python -m vllm_fireattn.eval run", a)
     path.write_text(json.dumps({"env": environment(cmd), "records": records}, indent=1))
     return path
 

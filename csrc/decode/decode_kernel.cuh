@@ -194,15 +194,6 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
-template <typename MT>
-__device__ __forceinline__ MT to_mma_type(float x) {
-  if constexpr (std::is_same_v<MT, __half>) {
-    return __float2half_rn(x);
-  } else {
-    return __float2bfloat16_rn(x);
-  }
-}
-
 template <typename QT>
 __device__ __forceinline__ float load_float(const QT* p) {
   if constexpr (std::is_same_v<QT, __half>) {

@@ -324,9 +324,9 @@ def main(argv=None) -> None:
         return
     if a.output_len < 2:
         ap.error("--output-len must be >= 2 (ITL needs two tokens)")
-    cmd = "python -m vllm_fireattn.bench e2e run " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(a).items() if k not in ("cmd",) and v not in (None, []))
+    from vllm_fireattn.bench.env import command_line
+
+    cmd = command_line("python -m vllm_fireattn.bench e2e run", a)
     path = run(a.model, a.backend, a.kv, a.skip_layers, a.out_dir, a.kinds, a.input_lens, a.output_len, a.reps,
                a.load_requests, a.load_input, a.load_output, a.gpu_memory_utilization, cmd)
     print(f"wrote {path}")

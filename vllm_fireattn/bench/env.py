@@ -27,3 +27,14 @@ def environment(command: str) -> dict:
     return {"gpu": gpu, "driver": driver, "cuda": torch.version.cuda,
             "torch": torch.__version__, "vllm": vllm.__version__, "commit": commit, "command": command,
             "python": platform.python_version()}
+
+
+def command_line(prog: str, args) -> str:
+    """The command that reproduces a run, from its argparse namespace (for the JSON's env)."""
+    parts = []
+    for k, v in vars(args).items():
+        if k == "cmd" or v in (None, [], "", False):
+            continue
+        flag = "--" + k.replace("_", "-")
+        parts.append(flag if v is True else f"{flag} {' '.join(map(str, v)) if isinstance(v, list) else v}")
+    return " ".join([prog] + parts)
