@@ -119,3 +119,6 @@ def test_calibration_tool_records_post_rope_absmax(tiny_llama, tmp_path):
     torch.testing.assert_close(cal.v_absmax[0], v.abs().amax(dim=(0, 2, 3)))
     torch.testing.assert_close(cal.q_absmax[0], q.abs().amax(dim=(0, 2, 3)).view(2, 2).amax(-1))
     assert torch.all(cal.k_absmax[1] > 0)
+    # The sensitivity pass: per-layer relative change of the attention output through e4m3 K/V.
+    assert cal.attn_error is not None and cal.attn_error.shape == (2,)
+    assert torch.all(cal.attn_error > 0) and torch.all(cal.attn_error < 0.2)

@@ -5,8 +5,9 @@ from vllm_fireattn.settings import FireAttnConfigError, FireAttnSettings, resolv
 
 
 def test_defaults():
-    assert resolve({}, {}) == FireAttnSettings("checkpoint", None, None)
-    assert resolve(None, {}).describe() == "scales=checkpoint, calibration_file=None, decode_splits=auto"
+    assert resolve({}, {}) == FireAttnSettings("checkpoint", None, None, "none", 256, 0.1)
+    assert resolve(None, {}).describe() == ("scales=checkpoint, calibration_file=None, decode_splits=auto, "
+                                            "skip_policy=none, skip_window_max=256, skip_error_max=0.1")
 
 
 def test_additional_config_wins_over_environment(tmp_path):
@@ -29,6 +30,9 @@ def test_additional_config_wins_over_environment(tmp_path):
     ({"fireattn": {"decode_splits": 1.5}}, {}, r"decode_splits=1.5"),
     ({"fireattn": {"decode_splits": True}}, {}, r"decode_splits=True"),
     ({"fireattn": "one"}, {}, r"must be a JSON object"),
+    ({"fireattn": {"skip_policy": "sliding"}}, {}, r"skip_policy='sliding': accepted values are \['none', 'auto'\]"),
+    ({}, {"FIREATTN_SKIP_WINDOW_MAX": "-1"}, r"FIREATTN_SKIP_WINDOW_MAX='-1': accepted values are an integer >= 0"),
+    ({"fireattn": {"skip_error_max": "x"}}, {}, r"skip_error_max='x': accepted values are a number > 0"),
 ])
 def test_bad_values_name_the_value_and_the_accepted_ones(config, env, match):
     with pytest.raises(FireAttnConfigError, match=match):
@@ -40,3 +44,8 @@ def test_calibration_file_without_calibration_scales_is_refused(tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(FireAttnConfigError, match="set scales to 'calibration'"):
         resolve({}, {"FIREATTN_CALIBRATION_FILE": str(f)})
+
+
+def test_skip_policy_settings():
+    got = resolve({"fireattn": {"skip_policy": "auto"}}, {"FIREATTN_SKIP_WINDOW_MAX": "512", "FIREATTN_SKIP_ERROR_MAX": "0.2"})
+    assert (got.skip_policy, got.skip_window_max, got.skip_error_max) == ("auto", 512, 0.2)

@@ -9,6 +9,9 @@ the inputs the attention kernels see. Writes the FIREATTN calibration file
 How: a transformers attention function is registered that records the statistics and then
 computes attention with SDPA, so any model that uses transformers' attention interface works.
 Texts are tokenized, concatenated and cut into windows of --seq-len tokens, up to --max-tokens.
+A second pass over the first --sensitivity-windows windows measures, per layer, the relative L2
+change of the attention output when K and V go through e4m3 with the calibrated scales (the
+auto skip policy's sensitivity measure; 0 skips it).
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ class _Stats:
         self.v = torch.zeros(num_layers, num_kv_heads)
         self.q = torch.zeros(num_layers, num_kv_heads)
         self.seen = torch.zeros(num_layers, dtype=torch.bool)
+        self.scales: tuple[torch.Tensor, torch.Tensor] | None = None  # set for the sensitivity pass
+        self.err_sq = torch.zeros(num_layers, dtype=torch.float64)
+        self.ref_sq = torch.zeros(num_layers, dtype=torch.float64)
 
     def record(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         # query [B, Hq, T, D]; key/value [B, Hkv, T, D] (post-RoPE, before GQA expansion)
@@ -48,10 +54,25 @@ def _register_attention(stats: _Stats) -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def recording_attention(module, query, key, value, attention_mask, **kwargs):
-        stats.record(module.layer_idx, query, key, value)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        if stats.scales is None:
+            stats.record(module.layer_idx, query, key, value)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        i = module.layer_idx
+        kq = _through_e4m3(key, stats.scales[0][i].to(key.device))
+        vq = _through_e4m3(value, stats.scales[1][i].to(value.device))
+        out8, _ = sdpa_attention_forward(module, query, kq, vq, attention_mask, **kwargs)
+        stats.err_sq[i] += (out8.double() - out.double()).pow(2).sum().item()
+        stats.ref_sq[i] += out.double().pow(2).sum().item()
+        return out, weights
 
     AttentionInterface.register(ATTENTION_NAME, recording_attention)
+
+
+def _through_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [B, Hkv, T, D] -> sat_rne(x / scale[h]) in e4m3, times scale: what an FP8 cache returns."""
+    s = scale.float()[None, :, None, None]
+    return ((x.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
 
 
 def _windows(tokenizer, files: list[str], seq_len: int, max_tokens: int) -> list[torch.Tensor]:
@@ -67,7 +88,8 @@ def _windows(tokenizer, files: list[str], seq_len: int, max_tokens: int) -> list
 
 
 def calibrate(model_dir: str, files: list[str], out: str, seq_len: int = 2048, max_tokens: int = 65536,
-              device: str | None = None, dtype: str = "bfloat16", progress: bool = True) -> dict:
+              device: str | None = None, dtype: str = "bfloat16", progress: bool = True,
+              sensitivity_windows: int = 4) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,13 +121,22 @@ def calibrate(model_dir: str, files: list[str], out: str, seq_len: int = 2048, m
     if not stats.seen.all():
         missing = (~stats.seen).nonzero().flatten().tolist()
         raise SystemExit(f"layers {missing} never called the attention interface; this model is not supported")
+    attn_error = None
+    if sensitivity_windows > 0:
+        scale = lambda a: torch.where(a > 0, a / 448.0, torch.ones_like(a))  # noqa: E731  (calibration.scales)
+        stats.scales = (scale(stats.k), scale(stats.v))
+        with torch.inference_mode():
+            for w in windows[:sensitivity_windows]:
+                model(input_ids=w[None].to(device), use_cache=False)
+        attn_error = (stats.err_sq / stats.ref_sq.clamp_min(1e-30)).sqrt().float()
     meta = {
         "tool_version": __version__, "model": Path(model_dir).name, "model_type": getattr(cfg, "model_type", ""),
         "num_layers": num_layers, "num_kv_heads": num_kv_heads, "num_q_heads": num_q_heads, "head_dim": head_dim,
         "samples": len(windows), "tokens": sum(len(w) for w in windows), "seq_len": seq_len,
         "data": [Path(f).name for f in files], "dtype": dtype, "seconds": round(time.time() - t0, 1),
+        "sensitivity_windows": min(sensitivity_windows, len(windows)),
     }
-    save(out, stats.k, stats.v, stats.q, meta)
+    save(out, stats.k, stats.v, stats.q, meta, attn_error)
     return meta
 
 
@@ -119,6 +150,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=65536, help="stop after this many tokens (default 65536)")
     ap.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--sensitivity-windows", type=int, default=4,
+                    help="windows for the per-layer FP8 attention-error pass (0: skip; default 4)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     if a.seq_len < 1 or a.max_tokens < 1:
@@ -126,7 +159,8 @@ def main(argv=None) -> None:
     for f in a.data:
         if not Path(f).is_file():
             ap.error(f"--data {f!r}: no such file")
-    meta = calibrate(a.model, a.data, a.out, a.seq_len, a.max_tokens, a.device, a.dtype, not a.no_progress)
+    meta = calibrate(a.model, a.data, a.out, a.seq_len, a.max_tokens, a.device, a.dtype, not a.no_progress,
+                     a.sensitivity_windows)
     print(f"wrote {a.out}: {meta['num_layers']} layers x {meta['num_kv_heads']} KV heads, "
           f"{meta['tokens']} tokens in {meta['samples']} windows")
 

@@ -2,7 +2,9 @@
 
 One safetensors file. Tensors `k_absmax`, `v_absmax`, `q_absmax`: float32 [num_layers,
 num_kv_heads] over all KV heads of the model (before tensor parallelism; Q's absmax is the max over
-the query heads of each KV head's group). Its metadata entry "fireattn" is a JSON object:
+the query heads of each KV head's group). Optional `attn_fp8_rel_err`: float32 [num_layers], the
+relative L2 change of each layer's attention output when its K/V go through e4m3 with these scales
+(the auto skip policy's sensitivity measure). Its metadata entry "fireattn" is a JSON object:
 {format, version, tool_version, model, model_type, num_layers, num_kv_heads, num_q_heads,
 head_dim, fp8_format, samples, tokens, seq_len, data}. Scales are absmax / 448 (e4m3's largest
 value), so the largest value seen maps onto the top of the FP8 range.
@@ -34,6 +36,7 @@ class Calibration:
     v_absmax: torch.Tensor
     q_absmax: torch.Tensor
     meta: dict
+    attn_error: torch.Tensor | None = None  # [num_layers] or None
 
     @property
     def num_layers(self) -> int:
@@ -79,7 +82,7 @@ class Calibration:
 
 
 def save(path: str | Path, k_absmax: torch.Tensor, v_absmax: torch.Tensor, q_absmax: torch.Tensor,
-         meta: dict) -> None:
+         meta: dict, attn_error: torch.Tensor | None = None) -> None:
     from safetensors.torch import save_file
 
     shapes = {tuple(t.shape) for t in (k_absmax, v_absmax, q_absmax)}
@@ -87,7 +90,11 @@ def save(path: str | Path, k_absmax: torch.Tensor, v_absmax: torch.Tensor, q_abs
         raise CalibrationError(f"k/v/q absmax must share one [num_layers, num_kv_heads] shape, got {shapes}")
     meta = dict(meta, format=FORMAT, version=VERSION, fp8_format="e4m3")
     tensors = {"k_absmax": k_absmax, "v_absmax": v_absmax, "q_absmax": q_absmax}
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(path),
+    if attn_error is not None:
+        if tuple(attn_error.shape) != (k_absmax.shape[0],):
+            raise CalibrationError(f"attn_fp8_rel_err must be [num_layers], got {tuple(attn_error.shape)}")
+        tensors["attn_fp8_rel_err"] = attn_error
+    save_file({k: v.detach().float().cpu().clone() for k, v in tensors.items()}, str(path),
               metadata={"fireattn": json.dumps(meta, sort_keys=True)})
 
 
@@ -98,7 +105,7 @@ def load(path: str | Path) -> Calibration:
     try:
         with safe_open(path, framework="pt") as f:
             raw_meta = (f.metadata() or {}).get("fireattn")
-            tensors = {name: f.get_tensor(name) for name in TENSORS if name in f.keys()}
+            tensors = {name: f.get_tensor(name) for name in TENSORS + ("attn_fp8_rel_err",) if name in f.keys()}
     except Exception as e:  # safetensors raises several types for non-safetensors input
         raise CalibrationError(f"{path}: not a readable safetensors file ({e})") from e
     if raw_meta is None:
@@ -110,7 +117,8 @@ def load(path: str | Path) -> Calibration:
     missing = [n for n in TENSORS if n not in tensors]
     if missing:
         raise CalibrationError(f"{path}: missing tensors {missing}")
-    cal = Calibration(tensors["k_absmax"], tensors["v_absmax"], tensors["q_absmax"], meta)
+    cal = Calibration(tensors["k_absmax"], tensors["v_absmax"], tensors["q_absmax"], meta,
+                      tensors.get("attn_fp8_rel_err"))
     shape = (meta.get("num_layers"), meta.get("num_kv_heads"))
     for name in TENSORS:
         t = tensors[name]

@@ -7,6 +7,9 @@ environment variables (vLLM's `--kv-cache-dtype` values are closed, so FP8 itsel
 | scales                  | FIREATTN_SCALES             | checkpoint, calibration, one            | checkpoint   |
 | calibration_file        | FIREATTN_CALIBRATION_FILE   | path made by python -m vllm_fireattn.calibrate | none  |
 | decode_splits           | FIREATTN_DECODE_SPLITS      | auto, or an integer 1..128              | auto         |
+| skip_policy             | FIREATTN_SKIP_POLICY        | none, auto (vllm_fireattn/policy.py)    | none         |
+| skip_window_max         | FIREATTN_SKIP_WINDOW_MAX    | integer >= 0 (tokens)                   | 256          |
+| skip_error_max          | FIREATTN_SKIP_ERROR_MAX     | number > 0 (relative L2)                | 0.1          |
 
 scales: "checkpoint" uses what vLLM loaded (per-tensor or compressed-tensors attn_head scales,
 1.0 when the checkpoint has none); "calibration" uses the per-layer, per-KV-head scales of
@@ -22,9 +25,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 SCALE_SOURCES = ("checkpoint", "calibration", "one")
+SKIP_POLICIES = ("none", "auto")
 MAX_DECODE_SPLITS = 128
 ENV = {"scales": "FIREATTN_SCALES", "calibration_file": "FIREATTN_CALIBRATION_FILE",
-       "decode_splits": "FIREATTN_DECODE_SPLITS"}
+       "decode_splits": "FIREATTN_DECODE_SPLITS", "skip_policy": "FIREATTN_SKIP_POLICY",
+       "skip_window_max": "FIREATTN_SKIP_WINDOW_MAX", "skip_error_max": "FIREATTN_SKIP_ERROR_MAX"}
 
 
 class FireAttnConfigError(ValueError):
@@ -36,6 +41,9 @@ class FireAttnSettings:
     scales: str = "checkpoint"
     calibration_file: str | None = None
     decode_splits: int | None = None  # None: the scheduler's plan ("auto")
+    skip_policy: str = "none"
+    skip_window_max: int = 256
+    skip_error_max: float = 0.1
 
     def describe(self) -> str:
         d = asdict(self)
@@ -102,4 +110,27 @@ def resolve(additional_config: Mapping[str, Any] | None = None,
         raise FireAttnConfigError(f"a calibration file was given but scales={scales!r}; set scales to "
                                   f"'calibration' to use it")
     splits = _parse_splits(raw.get("decode_splits"), _where("decode_splits", origin.get("decode_splits", True)))
-    return FireAttnSettings(scales=scales, calibration_file=calibration_file, decode_splits=splits)
+    policy = raw.get("skip_policy", "none")
+    if policy not in SKIP_POLICIES:
+        raise FireAttnConfigError(f"{_where('skip_policy', origin['skip_policy'])}={policy!r}: accepted values are "
+                                  f"{list(SKIP_POLICIES)}")
+    window_max = _parse_number(raw.get("skip_window_max", 256), int, 0, "an integer >= 0",
+                               _where("skip_window_max", origin.get("skip_window_max", True)))
+    error_max = _parse_number(raw.get("skip_error_max", 0.1), float, 1e-9, "a number > 0",
+                              _where("skip_error_max", origin.get("skip_error_max", True)))
+    return FireAttnSettings(scales=scales, calibration_file=calibration_file, decode_splits=splits,
+                            skip_policy=policy, skip_window_max=window_max, skip_error_max=error_max)
+
+
+def _parse_number(raw: Any, kind, minimum, accepted: str, where: str):
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        value = kind(raw)
+        if kind is int and isinstance(raw, float) and raw != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise FireAttnConfigError(f"{where}={raw!r}: accepted values are {accepted}") from None
+    if value < minimum:
+        raise FireAttnConfigError(f"{where}={raw!r}: accepted values are {accepted}")
+    return value

@@ -90,6 +90,40 @@ def register() -> None:
         )
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_CLASS_PATH)
     install_name_alias()
+    install_skip_policy_hook()
+
+
+def fireattn_selected(vllm_config) -> bool:
+    """Whether the config asks for FIREATTN (vLLM's CUSTOM slot, held by vllm-fireattn)."""
+    attn = getattr(vllm_config, "attention_config", None)
+    wanted = [getattr(attn, "backend", None), *(getattr(attn, "backend_per_kind", None) or {}).values()]
+    return AttentionBackendEnum.CUSTOM in wanted and custom_slot_owner() == BACKEND_CLASS_PATH
+
+
+def install_skip_policy_hook() -> bool:
+    """Wraps EngineArgs.create_engine_config so the `auto` skip policy (vllm_fireattn/policy.py)
+    edits kv_cache_dtype_skip_layers once, in the engine process, before executors size KV pages
+    (as vLLM's TurboQuant does with its boundary layers). Idempotent; returns whether installed."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_fireattn_hook", False):
+        return True
+    if vllm_series() not in SUPPORTED_VLLM_SERIES:
+        return False
+
+    def create_engine_config(self, *args, **kwargs):
+        from vllm_fireattn.policy import apply_auto_skip
+        from vllm_fireattn.settings import resolve
+
+        config = original(self, *args, **kwargs)
+        if fireattn_selected(config):
+            apply_auto_skip(config, resolve(getattr(config, "additional_config", None)), True)
+        return config
+
+    create_engine_config._fireattn_hook = True
+    EngineArgs.create_engine_config = create_engine_config
+    return True
 
 
 def install_name_alias() -> bool:
