@@ -88,6 +88,13 @@ def run(model: str, backend: str, kv: str, skip_layers: list[str], out_dir: Path
 
     from vllm_fireattn.bench.env import environment
 
+    config = json.loads((CONFIGS / model / "config.json").read_text())
+    max_pos = config.get("max_position_embeddings", 131072)
+    too_long = [n for n in input_lens if n + output_len + 16 > max_pos]
+    if too_long:
+        print(f"{model}: skipping input lengths {too_long} (max_position_embeddings {max_pos})")
+        input_lens = [n for n in input_lens if n not in too_long]
+    load_input = min(load_input, max_pos - load_output - 16)
     path = result_path(out_dir, model, backend, kv, skip_layers)
     data = load_results(path)
     data["env"] = environment(command)
@@ -99,7 +106,7 @@ def run(model: str, backend: str, kv: str, skip_layers: list[str], out_dir: Path
     if not todo and not need_load:
         print(f"{path}: complete")
         return path
-    vocab = json.loads((CONFIGS / model / "config.json").read_text()).get("vocab_size", 32000)
+    vocab = config.get("vocab_size", 32000)
     max_len = max([n + output_len for n in todo] + ([load_input + load_output] if need_load else []))
     llm = _engine(model, backend, kv, skip_layers, max_len + 16, max(8, load_requests), gpu_memory_utilization)
     _timed(llm, _random_prompts(1, 512, vocab, 0), 8)  # warm-up (graphs, allocator)
