@@ -6,9 +6,12 @@
 `run` measures one backend x KV dtype x model in one process (one engine; pieces fit a 10-minute
 GPU slot) and appends to `<dir>/<model>__<backend>__<kv>[__skip-...].json` after every point, so
 an interrupted run resumes where it stopped:
-- sweep: concurrency 1, input lengths 256..125k, fixed output length. TTFT is the time of a
-  1-token request; ITL = (time of an output_len-token request - TTFT) / (output_len - 1). Each
-  point is the median of --reps requests with fresh random token ids (prefix caching off).
+- sweep: concurrency 1, input lengths 256..125k, fixed output length. One output_len-token
+  request per rep: TTFT and ITL come from vLLM's per-request stats (first-token latency; last minus
+  first token time over output_len - 1), or, where a vLLM build gives no stats, from wall clock (a
+  1-token request for TTFT). Each point is the median of --reps requests with fresh random token
+  ids (prefix caching off). While FIREATTN prefill still runs the first CUDA-core kernel, long
+  inputs cost minutes per request: cap --input-lens (e.g. at 32768) for FIREATTN runs.
 - load: --load-requests concurrent requests of --load-input tokens in, --load-output out;
   output tokens per second.
 `report` merges every JSON of a directory and writes the markdown report (fits, ratios against
@@ -43,7 +46,8 @@ def _engine(model: str, backend: str, kv: str, skip_layers: list[str], max_model
 
     kwargs = dict(model=str(CONFIGS / model), load_format="dummy", skip_tokenizer_init=True, attention_backend=backend,
                   kv_cache_dtype=kv, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=0,
-                  enable_prefix_caching=False, gpu_memory_utilization=gpu_memory_utilization)
+                  enable_prefix_caching=False, gpu_memory_utilization=gpu_memory_utilization,
+                  disable_log_stats=False)  # per-request first/last token timestamps
     if skip_layers:
         kwargs["kv_cache_dtype_skip_layers"] = skip_layers
     return LLM(**kwargs)
@@ -56,6 +60,22 @@ def _timed(llm, prompts: list[list[int]], max_tokens: int) -> float:
     t0 = time.perf_counter()
     llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return (time.perf_counter() - t0) * 1e3
+
+
+def _measure(llm, prompt: list[int], output_len: int) -> tuple[float, float, str]:
+    """(TTFT ms, ITL ms, method) of one concurrency-1 request."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    t0 = time.perf_counter()
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    total = (time.perf_counter() - t0) * 1e3
+    m = getattr(out, "metrics", None)
+    n = len(out.outputs[0].token_ids)
+    if m is not None and getattr(m, "first_token_latency", 0) > 0 and m.last_token_ts > m.first_token_ts and n > 1:
+        return m.first_token_latency * 1e3, (m.last_token_ts - m.first_token_ts) * 1e3 / (n - 1), "engine_stats"
+    ttft = _timed(llm, [prompt], 1)
+    return ttft, (total - ttft) / (output_len - 1), "wall_clock"
 
 
 def _random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -111,13 +131,10 @@ def run(model: str, backend: str, kv: str, skip_layers: list[str], out_dir: Path
     llm = _engine(model, backend, kv, skip_layers, max_len + 16, max(8, load_requests), gpu_memory_utilization)
     _timed(llm, _random_prompts(1, 512, vocab, 0), 8)  # warm-up (graphs, allocator)
     for n in tqdm(todo, desc=f"{model} {backend} {kv} sweep", unit="len"):
-        ttft, total = [], []
-        for r in range(reps):
-            ttft.append(_timed(llm, _random_prompts(1, n, vocab, 2 * r + 1), 1))
-            total.append(_timed(llm, _random_prompts(1, n, vocab, 2 * r + 2), output_len))
-        t1, tn = statistics.median(ttft), statistics.median(total)
+        got = [_measure(llm, _random_prompts(1, n, vocab, r + 1)[0], output_len) for r in range(reps)]
         data["records"].append(dict(base, bench="e2e_sweep", input_len=n, output_len=output_len, reps=reps,
-                                    ttft_ms=t1, total_ms=tn, itl_ms=(tn - t1) / (output_len - 1)))
+                                    ttft_ms=statistics.median(g[0] for g in got),
+                                    itl_ms=statistics.median(g[1] for g in got), method=got[0][2]))
         _save(path, data)
     if need_load:
         ms = _timed(llm, _random_prompts(load_requests, load_input, vocab, 99), load_output)
