@@ -73,3 +73,24 @@ def test_report_without_results_says_so(tmp_path):
 def test_cli_rejects_a_one_token_output():
     with pytest.raises(SystemExit):
         e2e.main(["run", "--model", "llama31-8b", "--backend", "FIREATTN", "--kv", "fp8", "--output-len", "1"])
+
+
+class _FakeLLM:
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    def generate(self, prompts, params, use_tqdm=False):
+        from types import SimpleNamespace
+
+        n = params.max_tokens
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(range(n)))], metrics=self.metrics)]
+
+
+def test_measure_uses_engine_stats_and_falls_back_to_wall_clock():
+    from types import SimpleNamespace
+
+    stats = SimpleNamespace(first_token_latency=0.25, first_token_ts=10.0, last_token_ts=10.0 + 127 * 0.006)
+    ttft, itl, method = e2e._measure(_FakeLLM(stats), [1, 2, 3], 128)
+    assert method == "engine_stats" and ttft == pytest.approx(250.0) and itl == pytest.approx(6.0)
+    ttft, itl, method = e2e._measure(_FakeLLM(None), [1, 2, 3], 128)
+    assert method == "wall_clock" and ttft >= 0
