@@ -60,6 +60,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--top-logprobs", type=int, default=0, help="record the top-N logprobs of each step")
+    ap.add_argument("--additional-config", help="vLLM --additional-config JSON (FIREATTN settings)")
     ap.add_argument("--hf-reference", action="store_true",
                     help="no vLLM: float32 transformers prompt logprobs for --prompt-token-ids")
     args = ap.parse_args(argv)
@@ -80,6 +81,8 @@ def main(argv=None) -> None:
     )
     if args.skip_layers:
         kwargs["kv_cache_dtype_skip_layers"] = args.skip_layers
+    if args.additional_config:
+        kwargs["additional_config"] = json.loads(args.additional_config)
     if args.dummy:
         kwargs.update(load_format="dummy", skip_tokenizer_init=True)
     if args.graphs == "eager":
