@@ -41,13 +41,12 @@ def _vllm_config(skip, dtype="fp8", window=128):
 
 def test_apply_auto_skip_adds_to_the_users_layers(tmp_path):
     cfg = _vllm_config(["3"])
-    chosen = apply_auto_skip(cfg, resolve({"fireattn": {"skip_policy": "auto"}}, {}), True)
+    chosen = apply_auto_skip(cfg, resolve({"fireattn": {"skip_policy": "auto"}}, {}))
     assert set(chosen) == {0, 2} and cfg.cache_config.kv_cache_dtype_skip_layers == ["3", "0", "2"]
-    for settings, selected, dtype in ((resolve({}, {}), True, "fp8"),  # policy none
-                                      (resolve({"fireattn": {"skip_policy": "auto"}}, {}), False, "fp8"),
-                                      (resolve({"fireattn": {"skip_policy": "auto"}}, {}), True, "auto")):
+    for settings, dtype in ((resolve({}, {}), "fp8"),  # policy none
+                            (resolve({"fireattn": {"skip_policy": "auto"}}, {}), "auto")):  # BF16 cache
         cfg = _vllm_config(["3"], dtype)
-        assert apply_auto_skip(cfg, settings, selected) == {}
+        assert apply_auto_skip(cfg, settings) == {}
         assert cfg.cache_config.kv_cache_dtype_skip_layers == ["3"]
 
 
@@ -59,7 +58,7 @@ def test_apply_auto_skip_uses_the_calibrated_error(tmp_path):
     settings = resolve({"fireattn": {"skip_policy": "auto", "scales": "calibration", "calibration_file": str(path),
                                      "skip_window_max": 0}}, {})
     cfg = _vllm_config([], window=1024)
-    assert set(apply_auto_skip(cfg, settings, True)) == {1}
+    assert set(apply_auto_skip(cfg, settings)) == {1}
     assert cfg.cache_config.kv_cache_dtype_skip_layers == ["1"]
 
 

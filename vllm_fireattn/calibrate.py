@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from vllm_fireattn import __version__
-from vllm_fireattn.calibration import save
+from vllm_fireattn.calibration import save, scales_from_absmax
 
 ATTENTION_NAME = "fireattn_calibration"
 
@@ -123,8 +123,7 @@ def calibrate(model_dir: str, files: list[str], out: str, seq_len: int = 2048, m
         raise SystemExit(f"layers {missing} never called the attention interface; this model is not supported")
     attn_error = None
     if sensitivity_windows > 0:
-        scale = lambda a: torch.where(a > 0, a / 448.0, torch.ones_like(a))  # noqa: E731  (calibration.scales)
-        stats.scales = (scale(stats.k), scale(stats.v))
+        stats.scales = (scales_from_absmax(stats.k), scales_from_absmax(stats.v))
         with torch.inference_mode():
             for w in windows[:sensitivity_windows]:
                 model(input_ids=w[None].to(device), use_cache=False)

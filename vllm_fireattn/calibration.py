@@ -74,11 +74,14 @@ class Calibration:
             if tp_size % h:
                 raise CalibrationError(f"{h} KV heads do not replicate over tensor_parallel_size {tp_size}")
             heads = [tp_rank // (tp_size // h)]
-        out = {}
-        for name, absmax in (("k", self.k_absmax), ("v", self.v_absmax), ("q", self.q_absmax)):
-            a = absmax[:, heads].float()
-            out[name] = torch.where(a > 0, a / FP8_MAX, torch.ones_like(a))
-        return out
+        return {name: scales_from_absmax(absmax[:, heads])
+                for name, absmax in (("k", self.k_absmax), ("v", self.v_absmax), ("q", self.q_absmax))}
+
+
+def scales_from_absmax(absmax: torch.Tensor) -> torch.Tensor:
+    """absmax / 448 (the largest value maps to e4m3's largest); 1.0 where nothing was seen."""
+    a = absmax.float()
+    return torch.where(a > 0, a / FP8_MAX, torch.ones_like(a))
 
 
 def save(path: str | Path, k_absmax: torch.Tensor, v_absmax: torch.Tensor, q_absmax: torch.Tensor,

@@ -52,10 +52,11 @@ def auto_skip_layers(windows: list[int | None], window_max: int, errors=None,
     return chosen
 
 
-def apply_auto_skip(vllm_config, settings, fireattn_selected: bool) -> dict[int, str]:
-    """Adds the auto policy's layers to vllm_config.cache_config.kv_cache_dtype_skip_layers."""
+def apply_auto_skip(vllm_config, settings) -> dict[int, str]:
+    """Adds the auto policy's layers to vllm_config.cache_config.kv_cache_dtype_skip_layers (called
+    only for configs that select FIREATTN)."""
     cache = vllm_config.cache_config
-    if settings.skip_policy != "auto" or not fireattn_selected or not str(cache.cache_dtype).startswith("fp8"):
+    if settings.skip_policy != "auto" or not str(cache.cache_dtype).startswith("fp8"):
         return {}
     text = vllm_config.model_config.hf_text_config
     errors = None

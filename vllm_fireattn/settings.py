@@ -58,17 +58,7 @@ def _where(key: str, from_config: bool) -> str:
 def _parse_splits(raw: Any, where: str) -> int | None:
     if raw is None or (isinstance(raw, str) and raw.strip().lower() == "auto"):
         return None
-    try:
-        value = int(raw)
-        if isinstance(raw, float) and raw != value:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise FireAttnConfigError(f"{where}={raw!r}: accepted values are 'auto' or an integer "
-                                  f"1..{MAX_DECODE_SPLITS}") from None
-    if isinstance(raw, bool) or not 1 <= value <= MAX_DECODE_SPLITS:
-        raise FireAttnConfigError(f"{where}={raw!r}: accepted values are 'auto' or an integer "
-                                  f"1..{MAX_DECODE_SPLITS}")
-    return value
+    return _parse_number(raw, int, 1, f"'auto' or an integer 1..{MAX_DECODE_SPLITS}", where, MAX_DECODE_SPLITS)
 
 
 def resolve(additional_config: Mapping[str, Any] | None = None,
@@ -122,7 +112,7 @@ def resolve(additional_config: Mapping[str, Any] | None = None,
                             skip_policy=policy, skip_window_max=window_max, skip_error_max=error_max)
 
 
-def _parse_number(raw: Any, kind, minimum, accepted: str, where: str):
+def _parse_number(raw: Any, kind, minimum, accepted: str, where: str, maximum=None):
     try:
         if isinstance(raw, bool):
             raise ValueError
@@ -131,6 +121,6 @@ def _parse_number(raw: Any, kind, minimum, accepted: str, where: str):
             raise ValueError
     except (TypeError, ValueError):
         raise FireAttnConfigError(f"{where}={raw!r}: accepted values are {accepted}") from None
-    if value < minimum:
+    if value < minimum or (maximum is not None and value > maximum):
         raise FireAttnConfigError(f"{where}={raw!r}: accepted values are {accepted}")
     return value

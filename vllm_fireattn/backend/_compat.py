@@ -118,7 +118,7 @@ def install_skip_policy_hook() -> bool:
 
         config = original(self, *args, **kwargs)
         if fireattn_selected(config):
-            apply_auto_skip(config, resolve(getattr(config, "additional_config", None)), True)
+            apply_auto_skip(config, resolve(getattr(config, "additional_config", None)))
         return config
 
     create_engine_config._fireattn_hook = True

@@ -36,6 +36,7 @@ from vllm_fireattn.backend._compat import (
     tensor_parallel_rank_and_size,
 )
 from vllm_fireattn.ops.plan import decode_num_splits
+from vllm_fireattn.reference.quant import FP8_CACHE_DTYPES
 from vllm_fireattn.settings import FireAttnSettings, resolve
 
 
@@ -194,7 +195,7 @@ class FireAttnMetadataBuilder(AttentionMetadataBuilder[FireAttnMetadata]):
         self.decode_max_query_len = self.reorder_batch_threshold or 1
         self.num_kv_heads = getattr(kv_cache_spec, "num_kv_heads", 1)
         self.head_size = getattr(kv_cache_spec, "head_size", 128)
-        self.fp8_cache = getattr(kv_cache_spec, "dtype", None) in (torch.uint8, torch.float8_e4m3fn)
+        self.fp8_cache = getattr(kv_cache_spec, "dtype", None) in FP8_CACHE_DTYPES
         model_config = getattr(vllm_config, "model_config", None)
         self.num_q_heads = (model_config.get_num_attention_heads(vllm_config.parallel_config)
                             if model_config is not None else self.num_kv_heads)
@@ -291,7 +292,7 @@ class FireAttnImpl(AttentionImpl[FireAttnMetadata]):
         self._model_config = getattr(vllm_config, "model_config", None)
         self.settings: FireAttnSettings = resolve(getattr(vllm_config, "additional_config", None))
         self._scale_table: dict[str, torch.Tensor] | None = None  # "q"/"k"/"v": [layers, local kv heads]
-        self._layer_scales: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._layer_scales: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # by layer name
         if not FireAttnImpl._logged:
             FireAttnImpl._logged = True
             logger.info("Using %s attention backend (vllm-fireattn %s); settings: %s", BACKEND_NAME, __version__,
@@ -311,14 +312,12 @@ class FireAttnImpl(AttentionImpl[FireAttnMetadata]):
         """(q, k, v) scales: the layer's own (checkpoint or 1.0), or the settings' override."""
         if self._scale_table is None:
             return layer._q_scale, layer._k_scale, layer._v_scale
-        name = getattr(layer, "layer_name", "")
-        cached = self._layer_scales.get(name)
-        if cached is None:  # views of the device table: no copy, safe inside CUDA graph capture
+        name = layer.layer_name
+        if name not in self._layer_scales:  # views of the device table: no copy, safe inside CUDA graph capture
             t = self._scale_table
             i = extract_layer_index(name) if t["q"].dim() == 2 else None
-            cached = tuple(t[k] if i is None else t[k][i] for k in ("q", "k", "v"))
-            self._layer_scales[name] = cached
-        return cached
+            self._layer_scales[name] = tuple(t[k] if i is None else t[k][i] for k in ("q", "k", "v"))
+        return self._layer_scales[name]
 
     def _float_sinks(self) -> torch.Tensor | None:
         if self.sinks is None:

@@ -15,6 +15,7 @@ from vllm_fireattn.ops._library import (
     unavailable_reason,
 )
 from vllm_fireattn.ops.plan import decode_num_splits
+from vllm_fireattn.reference.quant import FP8_CACHE_DTYPES
 
 __all__ = [
     "FireAttnUnavailableError",
@@ -95,7 +96,7 @@ def decode(
     require()
     if num_splits is None:
         num_splits = decode_num_splits(seq_lens.numel(), query.shape[1], kv_cache.shape[2], max_query_len,
-                                       kv_cache.shape[4], kv_cache.dtype in (torch.uint8, torch.float8_e4m3fn),
+                                       kv_cache.shape[4], kv_cache.dtype in FP8_CACHE_DTYPES,
                                        fp16=query.dtype == torch.float16)
     torch.ops.fireattn.decode(
         out, query, kv_cache, block_table, cu_seqlens_q, seq_lens, q_scale, k_scale, v_scale,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_fireattn.reference.quant import FP8_DTYPE, dequantize_fp8, quantize_fp8
+from vllm_fireattn.reference.quant import FP8_CACHE_DTYPES, FP8_DTYPE, dequantize_fp8, quantize_fp8
 
 
 def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
@@ -17,7 +17,7 @@ def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_siz
 
 
 def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
-    return kv_cache.dtype in (torch.uint8, FP8_DTYPE)
+    return kv_cache.dtype in FP8_CACHE_DTYPES
 
 
 def cache_write(

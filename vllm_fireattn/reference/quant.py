@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
+FP8_CACHE_DTYPES = (torch.uint8, FP8_DTYPE)  # vLLM hands FP8 caches over as uint8
 FP8_MAX = 448.0
 
 
