@@ -12,7 +12,7 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, const at::Tensor& q_scale,
              const at::Tensor& k_scale, const at::Tensor& v_scale, double softmax_scale, int64_t max_query_len,
              bool causal, int64_t window_left, double softcap, const std::optional<at::Tensor>& sinks,
-             const std::optional<at::Tensor>& lse);
+             const std::optional<at::Tensor>& lse, int64_t promote_every);
 void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_table,
             const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, const at::Tensor& q_scale,
             const at::Tensor& k_scale, const at::Tensor& v_scale, double softmax_scale, int64_t max_query_len,
@@ -30,7 +30,8 @@ TORCH_LIBRARY(fireattn, m) {
   m.def(
       "cache_write(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, Tensor k_scale, "
       "Tensor v_scale) -> ()");
-  m.def("prefill" FIREATTN_ATTENTION_ARGS ") -> ()");
+  // promote_every: KV tiles between promotions of the FP8 PV accumulator (0: only at the end).
+  m.def("prefill" FIREATTN_ATTENTION_ARGS ", int promote_every=1) -> ()");
   // num_splits: the most splits of one sequence's keys (the plan; see vllm_fireattn/ops/plan.py).
   m.def("decode" FIREATTN_ATTENTION_ARGS ", int num_splits=1) -> ()");
   m.def("compiled_head_dims() -> int[]", &fireattn::compiled_head_dims);

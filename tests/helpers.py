@@ -101,22 +101,31 @@ def make_paged_batch(
     )
 
 
-def reference_outputs(batch: PagedBatch, op=ref.prefill, **kw):
-    """(ref_fp32, ref_lowp, lse_lowp) in float64 from the reference, rows [0, total_q)."""
+def reference_outputs(batch: PagedBatch, op=ref.prefill, lowp: str = "kernel", emulation=None, **kw):
+    """(ref_fp32, ref_lowp, lse_lowp) in float64 from the reference, rows [0, total_q).
+
+    lowp: the kernel's own precision ("kernel", or "fp8_mma" with `emulation` kwargs such as
+    block_n and promote_every for the FP8 tensor-core prefill)."""
     kw.setdefault("softmax_scale", 0.125)  # the tests' op-call default
     shape = batch.query.shape
     outs = {}
-    for precision in ("exact", "kernel"):
+    for precision in ("exact", lowp):
         out = torch.zeros(shape, dtype=torch.float64, device=batch.query.device)
         lse = torch.full((shape[1], shape[0]), float("-inf"), dtype=torch.float64, device=batch.query.device)
-        op(out, *batch.args(), max_query_len=batch.max_query_len, lse=lse, precision=precision, **kw)
+        extra = (emulation or {}) if precision == "fp8_mma" else {}
+        op(out, *batch.args(), max_query_len=batch.max_query_len, lse=lse, precision=precision, **kw, **extra)
         outs[precision] = (out, lse)
-    return outs["exact"][0], outs["kernel"][0], outs["kernel"][1]
+    return outs["exact"][0], outs[lowp][0], outs[lowp][1]
 
 
-def assert_attention_close(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: torch.Tensor, rows: int):
+def assert_attention_close(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: torch.Tensor, rows: int,
+                           lowp_exact: bool = True):
     """DESIGN.md tolerance rule, plus a cosine check against the same-precision reference and
-    matching inf/NaN positions."""
+    matching inf/NaN positions.
+
+    lowp_exact: the kernel reproduces ref_lowp up to output rounding (true unless the kernel
+    rounds P to FP8: exp approximations then flip some e4m3 roundings, so the kernel must only
+    be no farther from ref_lowp than ref_lowp is from the exact result)."""
     o, r32, rlp = out[:rows].double(), ref_fp32[:rows], ref_lowp[:rows]
     assert torch.equal(torch.isnan(o), torch.isnan(rlp)), "NaN positions differ"
     assert torch.equal(torch.isinf(o), torch.isinf(rlp)), "inf positions differ"
@@ -131,4 +140,8 @@ def assert_attention_close(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: 
     cos = torch.nn.functional.cosine_similarity(o.flatten(), rlp.flatten(), dim=0).item()
     assert 1 - cos <= 1e-4, f"cosine distance to the same-precision reference {1 - cos:.3e}"
     lowp_err = (o - rlp).abs().max().item()
-    assert lowp_err <= 2 * floor + 1e-4, f"max|out-ref_lowp| {lowp_err:.3e} beyond output rounding {2 * floor:.3e}"
+    if lowp_exact:
+        assert lowp_err <= 2 * floor + 1e-4, f"max|out-ref_lowp| {lowp_err:.3e} beyond output rounding {2 * floor:.3e}"
+    else:
+        lowp_gap = (rlp - r32).abs().max().item()
+        assert lowp_err <= lowp_gap + floor, f"max|out-ref_lowp| {lowp_err:.3e} > max|ref_lowp-ref_fp32| {lowp_gap:.3e}"

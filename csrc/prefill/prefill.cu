@@ -1,17 +1,56 @@
 // fireattn::prefill: varlen paged attention for prefill and chunked-prefill rows (any query
-// length, cached context before the new tokens, bottom-right causal). Runs the simple kernel
-// until the Hopper FP8 prefill kernel (issue 3) lands behind this signature.
+// length, cached context before the new tokens, bottom-right causal). FP8 caches run the Hopper
+// FP8 kernel (prefill_fp8_kernel.cuh); BF16/FP16 caches still run the simple CUDA-core kernel.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
 #include "attention/paged_attention.h"
+#include "common/torch_checks.h"
+#include "generated/configs.h"
+#include "prefill/prefill_fp8_kernel.cuh"
 
 namespace fireattn {
+
+#define FIREATTN_DECLARE_PREFILL(QT, FP8, D) \
+  extern template void launch_prefill_fp8<QT, D>(const AttentionParams&, int, int, cudaStream_t);
+FIREATTN_FP8_CONFIGS(FIREATTN_DECLARE_PREFILL)
+#undef FIREATTN_DECLARE_PREFILL
 
 void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_table,
              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, const at::Tensor& q_scale,
              const at::Tensor& k_scale, const at::Tensor& v_scale, double softmax_scale, int64_t max_query_len,
              bool causal, int64_t window_left, double softcap, const std::optional<at::Tensor>& sinks,
-             const std::optional<at::Tensor>& lse) {
-  paged_attention("prefill", out, query, kv_cache, block_table, cu_seqlens_q, seq_lens, q_scale, k_scale, v_scale,
-                  softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse);
+             const std::optional<at::Tensor>& lse, int64_t promote_every) {
+  if (!is_fp8_cache(kv_cache)) {
+    paged_attention("prefill", out, query, kv_cache, block_table, cu_seqlens_q, seq_lens, q_scale, k_scale, v_scale,
+                    softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse);
+    return;
+  }
+  const AttentionParams p = make_attention_params("prefill", out, query, kv_cache, block_table, cu_seqlens_q,
+                                                  seq_lens, q_scale, k_scale, v_scale, softmax_scale, max_query_len,
+                                                  causal, window_left, softcap, sinks, lse);
+  const int64_t head_dim = kv_cache.size(4);
+  TORCH_CHECK(promote_every >= 0 && promote_every <= 1024, "fireattn.prefill: promote_every must be in [0, 1024] ",
+              "(0: promote only at the end), got ", num(promote_every));
+  TORCH_CHECK(head_dim != 256 || promote_every <= 1, "fireattn.prefill: head_dim 256 promotes every tile or never; ",
+              "promote_every must be 0 or 1, got ", num(promote_every));
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(query.data_ptr()) % 16 == 0 && query.stride(0) % 8 == 0 &&
+                  query.stride(1) % 8 == 0,
+              "fireattn.prefill: query rows must be 16-byte aligned (token and head strides multiples of 8)");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0 && out.stride(0) % 2 == 0 && out.stride(1) % 2 == 0,
+              "fireattn.prefill: out rows must be 4-byte aligned (token and head strides even)");
+  const at::cuda::OptionalCUDAGuard guard(query.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::ScalarType qt = query.scalar_type();
+#define FIREATTN_TRY_PREFILL(QT, FP8, D)                                                               \
+  if (qt == scalar_type_of<QT>() && head_dim == D) {                                                   \
+    launch_prefill_fp8<QT, D>(p, static_cast<int>(max_query_len), static_cast<int>(promote_every), stream); \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                    \
+    return;                                                                                            \
+  }
+  FIREATTN_FP8_CONFIGS(FIREATTN_TRY_PREFILL)
+#undef FIREATTN_TRY_PREFILL
+  fail_no_kernel("prefill", head_dim, qt, true);
 }
 
 }  // namespace fireattn

@@ -9,7 +9,7 @@ def _cache_write_fake(key, value, kv_cache, slot_mapping, k_scale, v_scale) -> N
 
 @torch.library.register_fake("fireattn::prefill")
 def _prefill_fake(out, query, kv_cache, block_table, cu_seqlens_q, seq_lens, q_scale, k_scale, v_scale,
-                  softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse) -> None:
+                  softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse, promote_every=1) -> None:
     return None
 
 

@@ -7,7 +7,8 @@ precision:
             its per-KV-head scale (sat_rne(q / q_scale)); everything else exact.
   (ops.decode's kernel keeps the query in 16 bits and widens FP8 K/V exactly, so the reference
   decode's "kernel" precision is "exact" on the stored cache.)
-  "fp8_mma" "kernel" plus the Hopper FP8 tensor-core path: P quantized to e4m3, PV summed per
+  "fp8_mma" "kernel" plus the Hopper FP8 tensor-core path: P quantized to e4m3 as
+            sat_rne(p * p_scale) / p_scale (the prefill kernel's p_scale is 256), PV summed per
             32-key MMA step in an accumulator of `mma_mantissa_bits` bits (truncated), and that
             accumulator promoted into an FP32 accumulator every `promote_every` tiles of
             `block_n` keys (two-level accumulation; promote_every=0 means never).
@@ -45,6 +46,7 @@ def attend(
     sinks: torch.Tensor | None = None,
     *,
     p_fp8: bool = False,
+    p_scale: float = 256.0,
     block_n: int = 128,
     mma_mantissa_bits: int | None = None,
     promote_every: int = 1,
@@ -74,7 +76,7 @@ def attend(
     if not p_fp8 and mma_mantissa_bits is None:
         out, lse = _softmax_pv(s, v, sink_logit)
     else:
-        out, lse = _softmax_pv_tiled(s, v, sink_logit, p_fp8, block_n, mma_mantissa_bits, promote_every)
+        out, lse = _softmax_pv_tiled(s, v, sink_logit, p_fp8, p_scale, block_n, mma_mantissa_bits, promote_every)
     return out.to(q.dtype), lse.to(q.dtype)
 
 
@@ -92,7 +94,7 @@ def _softmax_pv(s, v, sink_logit):
     return out, lse
 
 
-def _softmax_pv_tiled(s, v, sink_logit, p_fp8, block_n, mma_mantissa_bits, promote_every):
+def _softmax_pv_tiled(s, v, sink_logit, p_fp8, p_scale, block_n, mma_mantissa_bits, promote_every):
     """Online softmax over key tiles, as an FP8 flash-attention kernel computes it."""
     hq, lq, lk = s.shape
     m = torch.full((hq, lq), float("-inf"), dtype=s.dtype, device=s.device)
@@ -109,7 +111,7 @@ def _softmax_pv_tiled(s, v, sink_logit, p_fp8, block_n, mma_mantissa_bits, promo
         p = torch.exp(st - m_use[..., None])
         l = l * alpha + p.sum(-1)
         if p_fp8:
-            p = p.to(torch.float32).to(FP8_DTYPE).to(s.dtype)
+            p = (p * p_scale).to(torch.float32).to(FP8_DTYPE).to(s.dtype) / p_scale
         acc = acc * alpha[..., None]
         part = part * alpha[..., None]
         vt = vh[:, t * block_n : (t + 1) * block_n]
