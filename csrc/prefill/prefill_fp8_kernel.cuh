@@ -34,21 +34,25 @@ namespace fireattn {
 
 template <int D>
 struct PrefillFp8Config {
-  static constexpr int kThreads = 256;  // 2 warpgroups
-  static constexpr int kBlockM = 128;   // rows per CTA, 64 per warpgroup
+  // Warpgroup 0 loads (cp.async K and V, V transpose); warpgroups 1 and 2 compute 64 rows each.
+  static constexpr int kThreads = 384;
+  static constexpr int kProducerThreads = 128;
+  static constexpr int kBlockM = 128;
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // setmaxnreg; 128*40 + 256*232 <= 64K
   // head_dim 256 takes 64-key tiles and 64-wide PV slices so that the 128-register output
-  // accumulator, its promotion slice, S and P fit in one thread's 255 registers.
+  // accumulator, its promotion slice, S and P fit in a consumer's registers.
   static constexpr int kBlockN = D == 256 ? 64 : 128;
   static constexpr int kPvN = D == 256 ? 64 : D;  // output columns per PV wgmma
   static constexpr int kPvSlices = D / kPvN;
-  static constexpr int kStages = 3;  // K / V staging ring depth (tiles in flight)
+  static constexpr int kStages = 3;       // K / V ring depth
   static constexpr int kVPitch = D + 16;  // staging row pitch: +16 B spreads the transpose's reads over banks
   static constexpr int kQBytes = kBlockM * D;
   static constexpr int kKBytes = kBlockN * D;
-  static constexpr int kVStageBytes = kBlockN * kVPitch;
+  static constexpr int kVStageBytes = (kBlockN * kVPitch + 1023) / 1024 * 1024;
   static constexpr int kVtBytes = D * kBlockN;
-  static constexpr int kSmemBytes =
-      1024 + kQBytes + kStages * kKBytes + kStages * ((kVStageBytes + 1023) / 1024 * 1024) + 2 * kVtBytes;
+  static constexpr int kStageBytes = kKBytes + kVStageBytes + kVtBytes;
+  static constexpr int kBarrierBytes = 3 * kStages * 8;
+  static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + kBarrierBytes;
   static_assert(kQBytes % 1024 == 0 && kKBytes % 1024 == 0 && kVtBytes % 1024 == 0, "tiles must stay 1024-aligned");
 };
 
@@ -96,6 +100,33 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
+// mbarriers (shared::cta) for the producer/consumer ring.
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+// Arrives on `bar` once all of this thread's earlier cp.async copies have landed.
+__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 __device__ __forceinline__ uint32_t pack_e4m3x4(float lo0, float lo1, float hi0, float hi1) {
   uint16_t a, b;  // cvt puts its first source in the upper byte
   asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(a) : "f"(lo1), "f"(lo0));
@@ -122,7 +153,7 @@ __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
 }
 
 template <typename QT, int D>
-__global__ void __launch_bounds__(256, 1) prefill_fp8_kernel(const AttentionParams p, const int promote_every) {
+__global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionParams p, const int promote_every) {
   using Cfg = PrefillFp8Config<D>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int kPvN = Cfg::kPvN, kPvSlices = Cfg::kPvSlices;
@@ -138,10 +169,16 @@ __global__ void __launch_bounds__(256, 1) prefill_fp8_kernel(const AttentionPara
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   uint8_t* q_s = smem;
-  uint8_t* k_s = q_s + Cfg::kQBytes;
-  uint8_t* v_stage = k_s + kStages * Cfg::kKBytes;
-  constexpr int kVStageAligned = (Cfg::kVStageBytes + 1023) / 1024 * 1024;
-  uint8_t* vt_s = v_stage + kStages * kVStageAligned;
+  uint8_t* stages = q_s + Cfg::kQBytes;  // per stage: K tile, V staging, V^T tile
+  const uint32_t bars = smem_addr(stages + kStages * Cfg::kStageBytes);
+  // landed[s]: the stage's cp.async copies are in; ready[s]: K and V^T usable by wgmma;
+  // empty[s]: both consumer warpgroups are done with the stage.
+  auto landed = [&](int st) { return bars + 8 * st; };
+  auto ready = [&](int st) { return bars + 8 * (kStages + st); };
+  auto empty = [&](int st) { return bars + 8 * (2 * kStages + st); };
+  auto k_tile = [&](int st) { return stages + st * Cfg::kStageBytes; };
+  auto v_staging = [&](int st) { return stages + st * Cfg::kStageBytes + Cfg::kKBytes; };
+  auto vt_tile = [&](int st) { return stages + st * Cfg::kStageBytes + Cfg::kKBytes + Cfg::kVStageBytes; };
 
   // Heavy (late, causal) row tiles first.
   const int m_block = gridDim.x - 1 - blockIdx.x;
@@ -155,15 +192,6 @@ __global__ void __launch_bounds__(256, 1) prefill_fp8_kernel(const AttentionPara
   if (row0 >= num_rows) return;
   const int context = seq_len - q_len;
 
-  const float q_scale = p.q_scale[kv_head * p.q_scale_stride];
-  const float k_scale = p.k_scale[kv_head * p.k_scale_stride];
-  const float v_scale = p.v_scale[kv_head * p.v_scale_stride];
-  constexpr float kLog2e = 1.4426950408889634f;
-  const float score_scale = p.softmax_scale * q_scale * k_scale;  // natural-log units
-
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int wg = warp / 4;
-
   // Key range of this CTA's rows.
   const int last_row = min(row0 + kBlockM, num_rows) - 1;
   const int first_pos = context + row0 / group, last_pos = context + last_row / group;
@@ -172,12 +200,107 @@ __global__ void __launch_bounds__(256, 1) prefill_fp8_kernel(const AttentionPara
   const int tile0 = kv_begin / kBlockN * kBlockN;
   const int num_tiles = kv_end > tile0 ? (kv_end - tile0 + kBlockN - 1) / kBlockN : 0;
 
-  // ---- Q: load, quantize in registers, store swizzled (16 elements per step).
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(landed(st), Cfg::kProducerThreads);
+      mbar_init(ready(st), Cfg::kProducerThreads);
+      mbar_init(empty(st), Cfg::kThreads - Cfg::kProducerThreads);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (warp < 4) {
+    // ======== Producer warpgroup: cp.async K and V into stage t % kStages, then V -> V^T.
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    const int tid = threadIdx.x;
+    constexpr int kParts = D / 16;
+    constexpr int kLoadIters = kBlockN * kParts / Cfg::kProducerThreads;
+    static_assert(kBlockN * kParts % Cfg::kProducerThreads == 0, "whole load iterations");
+    const int bs = p.kv.block_size;
+    const int block_shift = (bs & (bs - 1)) == 0 ? __ffs(bs) - 1 : -1;
+    const int32_t* btab = p.kv.block_table + seq * p.kv.block_table_stride;
+    const uint8_t* head_base = p.kv.base + kv_head * p.kv.head_stride;
+    auto issue = [&](int t) {
+      const int st = t % kStages;
+      const int k0 = tile0 + t * kBlockN;
+      const uint32_t k_dst = smem_addr(k_tile(st));
+      const uint32_t v_dst = smem_addr(v_staging(st));
+#pragma unroll 4
+      for (int i = 0; i < kLoadIters; ++i) {
+        const int c = tid + i * Cfg::kProducerThreads;
+        const int key = c / kParts, part = c % kParts;
+        const int token = k0 + key;
+        const bool valid = token < kv_end;  // zero-fill past the end: V garbage must not reach PV
+        const uint8_t* src = p.kv.base;
+        if (valid) {
+          const int blk = block_shift >= 0 ? token >> block_shift : token / bs;
+          const int off = block_shift >= 0 ? token & (bs - 1) : token % bs;
+          src = head_base + btab[blk] * p.kv.block_stride + off * p.kv.token_stride + part * 16;
+        }
+        cp_async16(k_dst + KTile::offset(key, part * 16), src, valid);
+        cp_async16(v_dst + key * Cfg::kVPitch + part * 16, valid ? src + p.kv.kv_stride : src, valid);
+      }
+      mbar_arrive_cp_async(landed(st));
+    };
+    // V staging [key][D] -> V^T tile [D][kBlockN] (K-major, keys permuted per 32-key step):
+    // word w of a V^T row holds k-positions 4w..4w+3, which in the P fragment are the keys
+    // {2u, 2u+1, 2u+8, 2u+9} (+16 for the upper half) of the step, u = (w % 8) % 4.
+    constexpr int kWords = kBlockN / 4;
+    constexpr int kVtTasks = kWords * (D / 4);
+    auto transpose = [&](int t) {
+      const int st = t % kStages;
+      mbar_wait(landed(st), (t / kStages) & 1);
+      const uint8_t* src = v_staging(st);
+      uint8_t* dst = vt_tile(st);
+#pragma unroll 4
+      for (int task = tid; task < kVtTasks; task += Cfg::kProducerThreads) {
+        const int w = task % kWords, dw = task / kWords;  // dims 4dw..4dw+3
+        const int step = w / 8, tt = w % 8, u = tt % 4;
+        const int kbase = step * 32 + (tt >= 4 ? 16 : 0) + 2 * u;
+        const uint8_t* s0 = src + kbase * Cfg::kVPitch + 4 * dw;
+        const uint32_t x0 = *reinterpret_cast<const uint32_t*>(s0);
+        const uint32_t x1 = *reinterpret_cast<const uint32_t*>(s0 + Cfg::kVPitch);
+        const uint32_t x2 = *reinterpret_cast<const uint32_t*>(s0 + 8 * Cfg::kVPitch);
+        const uint32_t x3 = *reinterpret_cast<const uint32_t*>(s0 + 9 * Cfg::kVPitch);
+        const uint32_t t0 = prmt(x0, x1, 0x5140), t1 = prmt(x0, x1, 0x7362);  // 4x4 byte transpose
+        const uint32_t t2 = prmt(x2, x3, 0x5140), t3 = prmt(x2, x3, 0x7362);
+        const int d = 4 * dw;
+        *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 0, 4 * w)) = prmt(t0, t2, 0x5410);
+        *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 1, 4 * w)) = prmt(t0, t2, 0x7632);
+        *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 2, 4 * w)) = prmt(t1, t3, 0x5410);
+        *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 3, 4 * w)) = prmt(t1, t3, 0x7632);
+      }
+      fence_proxy_async();  // K (cp.async) and V^T (st.shared) -> visible to wgmma
+      mbar_arrive(ready(st));
+    };
+    for (int t = 0; t < num_tiles; ++t) {
+      if (t >= kStages) mbar_wait(empty(t % kStages), (t / kStages - 1) & 1);
+      issue(t);
+      if (t >= 1) transpose(t - 1);  // keeps one more tile's copies in flight
+    }
+    if (num_tiles > 0) transpose(num_tiles - 1);
+    return;
+  }
+
+  // ======== Consumer warpgroups: 64 rows each.
+  setmaxnreg_inc<Cfg::kConsumerRegs>();
+  const int wg = warp / 4 - 1;
+  const int ctid = threadIdx.x - Cfg::kProducerThreads - wg * 128;  // 0..127 inside the warpgroup
+
+  const float q_scale = p.q_scale[kv_head * p.q_scale_stride];
+  const float k_scale = p.k_scale[kv_head * p.k_scale_stride];
+  const float v_scale = p.v_scale[kv_head * p.v_scale_stride];
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float score_scale = p.softmax_scale * q_scale * k_scale;  // natural-log units
+
+  // ---- Q: this warpgroup's 64 rows, quantized in registers, stored swizzled.
   {
     constexpr int kPieces = D / 16;
     const QT* q = static_cast<const QT*>(p.q);
-    for (int i = tid; i < kBlockM * kPieces; i += Cfg::kThreads) {
-      const int r = i / kPieces, piece = i % kPieces;
+    for (int i = ctid; i < 64 * kPieces; i += 128) {
+      const int r = wg * 64 + i / kPieces, piece = i % kPieces;
       const int row = row0 + r;
       uint32_t w[4] = {0u, 0u, 0u, 0u};
       if (row < num_rows) {
@@ -192,59 +315,9 @@ __global__ void __launch_bounds__(256, 1) prefill_fp8_kernel(const AttentionPara
       }
       *reinterpret_cast<uint4*>(q_s + QTile::offset(r, piece * 16)) = make_uint4(w[0], w[1], w[2], w[3]);
     }
+    fence_proxy_async();
+    named_barrier(1 + wg, 128);
   }
-
-  // ---- K/V tile loads (cp.async). A thread always copies the same (key, 16-byte part) slots.
-  constexpr int kParts = D / 16;
-  constexpr int kLoadIters = kBlockN * kParts / Cfg::kThreads;
-  static_assert(kBlockN * kParts % Cfg::kThreads == 0, "whole load iterations");
-  auto load_tile = [&](int t) {
-    const int stage = t % kStages;
-    const int k0 = tile0 + t * kBlockN;
-    const uint32_t k_dst = smem_addr(k_s + stage * Cfg::kKBytes);
-    const uint32_t v_dst = smem_addr(v_stage + stage * kVStageAligned);
-#pragma unroll
-    for (int i = 0; i < kLoadIters; ++i) {
-      const int c = tid + i * Cfg::kThreads;
-      const int key = c / kParts, part = c % kParts;
-      const int token = k0 + key;
-      const bool valid = token < kv_end;  // zero-fill past the end: V garbage must not reach PV
-      const uint8_t* src = valid ? p.kv.key_ptr(seq, kv_head, token) + part * 16 : p.kv.base;
-      cp_async16(k_dst + KTile::offset(key, part * 16), src, valid);
-      cp_async16(v_dst + key * Cfg::kVPitch + part * 16, valid ? src + p.kv.kv_stride : src, valid);
-    }
-  };
-
-  // ---- V staging [key][D] -> V^T tile [D][kBlockN] (K-major, keys permuted per 32-key step).
-  // Word w of a V^T row holds k-positions 4w..4w+3; in the P fragment those are the keys
-  // {2u, 2u+1, 2u+8, 2u+9} (+16 for the upper half) of the step, u = (w % 8) % 4.
-  constexpr int kWords = kBlockN / 4;
-  constexpr int kVtTasks = kWords * (D / 16);
-  auto transpose_v = [&](int t) {
-    const uint8_t* src = v_stage + (t % kStages) * kVStageAligned;
-    uint8_t* dst = vt_s + (t % 2) * Cfg::kVtBytes;
-    for (int task = tid; task < kVtTasks; task += Cfg::kThreads) {
-      const int w = task % kWords, dg = task / kWords;
-      const int step = w / 8, tt = w % 8, u = tt % 4;
-      const int kbase = step * 32 + (tt >= 4 ? 16 : 0) + 2 * u;
-      const uint4 r0 = *reinterpret_cast<const uint4*>(src + (kbase + 0) * Cfg::kVPitch + dg * 16);
-      const uint4 r1 = *reinterpret_cast<const uint4*>(src + (kbase + 1) * Cfg::kVPitch + dg * 16);
-      const uint4 r2 = *reinterpret_cast<const uint4*>(src + (kbase + 8) * Cfg::kVPitch + dg * 16);
-      const uint4 r3 = *reinterpret_cast<const uint4*>(src + (kbase + 9) * Cfg::kVPitch + dg * 16);
-      const uint32_t x0[4] = {r0.x, r0.y, r0.z, r0.w}, x1[4] = {r1.x, r1.y, r1.z, r1.w};
-      const uint32_t x2[4] = {r2.x, r2.y, r2.z, r2.w}, x3[4] = {r3.x, r3.y, r3.z, r3.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {  // 4x4 byte transpose: dims 4j..4j+3 of the 4 keys
-        const uint32_t t0 = prmt(x0[j], x1[j], 0x5140), t1 = prmt(x0[j], x1[j], 0x7362);
-        const uint32_t t2 = prmt(x2[j], x3[j], 0x5140), t3 = prmt(x2[j], x3[j], 0x7362);
-        const int d = dg * 16 + 4 * j;
-        *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 0, 4 * w)) = prmt(t0, t2, 0x5410);
-        *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 1, 4 * w)) = prmt(t0, t2, 0x7632);
-        *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 2, 4 * w)) = prmt(t1, t3, 0x5410);
-        *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 3, 4 * w)) = prmt(t1, t3, 0x7632);
-      }
-    }
-  };
 
   // ---- This thread's two rows (accumulator rows g and g + 8 of its warp).
   const int g = lane / 4, tq = lane % 4;
@@ -256,11 +329,11 @@ __global__ void __launch_bounds__(256, 1) prefill_fp8_kernel(const AttentionPara
   }
 
   float o_main[kPvSlices][kPvRegs];
-  float o_part[kPvRegs];  // tensor-core accumulator between promotions (head_dim <= 128)
+  float o_part[kPvRegs];  // tensor-core accumulator between promotions
 #pragma unroll
-  for (int s = 0; s < kPvSlices; ++s)
+  for (int sl = 0; sl < kPvSlices; ++sl)
 #pragma unroll
-    for (int i = 0; i < kPvRegs; ++i) o_main[s][i] = 0.f;
+    for (int i = 0; i < kPvRegs; ++i) o_main[sl][i] = 0.f;
 #pragma unroll
   for (int i = 0; i < kPvRegs; ++i) o_part[i] = 0.f;
   float m[2] = {-CUDART_INF_F, -CUDART_INF_F};  // running max, log2 units
@@ -268,30 +341,16 @@ __global__ void __launch_bounds__(256, 1) prefill_fp8_kernel(const AttentionPara
   float part_alpha[2] = {1.f, 1.f};             // o_main's rescale owed since the last promotion
   bool part_empty = true;
 
-  // ---- Prologue: first kStages - 1 tiles in flight, tile 0 transposed.
-#pragma unroll
-  for (int t = 0; t < kStages - 1; ++t) {
-    if (t < num_tiles) load_tile(t);
-    cp_async_commit();
-  }
-  if (num_tiles > 0) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    transpose_v(0);
-  }
-  fence_proxy_async();  // Q, K tile 0 (cp.async) and V^T tile 0 -> visible to wgmma
-  __syncthreads();
-
   const uint32_t q_smem = smem_addr(q_s);
   for (int t = 0; t < num_tiles; ++t) {
-    if (t + kStages - 1 < num_tiles) load_tile(t + kStages - 1);
-    cp_async_commit();
+    const int st = t % kStages;
     const int k0 = tile0 + t * kBlockN;
+    mbar_wait(ready(st), (t / kStages) & 1);
 
     // S = Q K^T (64 rows x kBlockN keys per warpgroup).
     float s[kSRegs];
     {
-      const uint32_t k_smem = smem_addr(k_s + (t % kStages) * Cfg::kKBytes);
+      const uint32_t k_smem = smem_addr(k_tile(st));
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < D / 32; ++ks)
@@ -354,7 +413,7 @@ __global__ void __launch_bounds__(256, 1) prefill_fp8_kernel(const AttentionPara
       pa[c][3] = pack_e4m3x4(x[10], x[11], x[14], x[15]);
     }
 
-    const uint32_t vt_smem = smem_addr(vt_s + (t % 2) * Cfg::kVtBytes);
+    const uint32_t vt_smem = smem_addr(vt_tile(st));
     const bool last = t + 1 == num_tiles;
     if constexpr (kPvSlices == 1) {
       // o_part accumulates on the tensor cores; o_main gets it every promote_every tiles.
@@ -367,22 +426,13 @@ __global__ void __launch_bounds__(256, 1) prefill_fp8_kernel(const AttentionPara
       wgmma_fence();
       fence_regs(o_part);
 #pragma unroll
-      for (int c = 0; c < kPSteps; ++c) PV::rs(o_part, pa[c], VtTile::desc(vt_smem, 0, c), (c > 0 || !part_empty) ? 1 : 0);
+      for (int c = 0; c < kPSteps; ++c)
+        PV::rs(o_part, pa[c], VtTile::desc(vt_smem, 0, c), (c > 0 || !part_empty) ? 1 : 0);
       wgmma_commit();
-      part_empty = false;
-    }
-
-    // Next tile's V^T, while the PV wgmma runs.
-    if (t + 1 < num_tiles) {
-      cp_async_wait<kStages - 2>();
-      __syncthreads();  // every thread's copies of tile t + 1 have landed
-      transpose_v(t + 1);
-    }
-    fence_proxy_async();
-
-    if constexpr (kPvSlices == 1) {
       wgmma_wait<0>();
       fence_regs(o_part);
+      mbar_arrive(empty(st));
+      part_empty = false;
       if (last || (promote_every > 0 && (t + 1) % promote_every == 0)) {
 #pragma unroll
         for (int i = 0; i < kPvRegs; ++i) o_main[0][i] = o_main[0][i] * part_alpha[(i / 2) % 2] + o_part[i];
@@ -416,10 +466,9 @@ __global__ void __launch_bounds__(256, 1) prefill_fp8_kernel(const AttentionPara
           for (int i = 0; i < kPvRegs; ++i) o_main[sl][i] = o_main[sl][i] * alpha[(i / 2) % 2] + o_part[i];
         }
       }
+      mbar_arrive(empty(st));
     }
-    __syncthreads();  // V^T t + 1 complete; K stage t and V^T t free for reuse
   }
-  cp_async_wait<0>();
 
   // ---- Epilogue: row sums across the quad, sinks, normalization, output and LSE.
 #pragma unroll
