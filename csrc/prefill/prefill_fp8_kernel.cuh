@@ -38,22 +38,32 @@ struct PrefillFp8Config {
   static constexpr int kThreads = 384;
   static constexpr int kProducerThreads = 128;
   static constexpr int kBlockM = 128;
-  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // setmaxnreg; 128*40 + 256*232 <= 64K
+  static constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+  // setmaxnreg.inc blocks until the CTA's own pool (168 regs x 384 threads at launch) has the
+  // registers, so the split must fit it or the consumers wait forever.
+  static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 168 * 384, "register split exceeds the launch pool");
   // head_dim 256 takes 64-key tiles and 64-wide PV slices so that the 128-register output
   // accumulator, its promotion slice, S and P fit in a consumer's registers.
   static constexpr int kBlockN = D == 256 ? 64 : 128;
   static constexpr int kPvN = D == 256 ? 64 : D;  // output columns per PV wgmma
   static constexpr int kPvSlices = D / kPvN;
   static constexpr int kStages = 3;       // K / V ring depth
-  static constexpr int kVPitch = D + 16;  // staging row pitch: +16 B spreads the transpose's reads over banks
   static constexpr int kQBytes = kBlockM * D;
   static constexpr int kKBytes = kBlockN * D;
-  static constexpr int kVStageBytes = (kBlockN * kVPitch + 1023) / 1024 * 1024;
+  static constexpr int kVStageBytes = kBlockN * D;
   static constexpr int kVtBytes = D * kBlockN;
   static constexpr int kStageBytes = kKBytes + kVStageBytes + kVtBytes;
   static constexpr int kBarrierBytes = 3 * kStages * 8;
   static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + kBarrierBytes;
   static_assert(kQBytes % 1024 == 0 && kKBytes % 1024 == 0 && kVtBytes % 1024 == 0, "tiles must stay 1024-aligned");
+
+  // V staging: key rows of D bytes, 16-byte chunk c of row r stored at chunk c ^ swizzle(r), so
+  // that the 8 rows one transpose phase reads ({2u, 2u+16} + delta, u < 4) hit 8 distinct bank
+  // groups (4 for head_dim 64, whose rows have only 4 chunks).
+  __device__ __forceinline__ static int v_staging_offset(int row, int chunk) {
+    const int sw = D >= 128 ? ((row >> 1) & 3) | ((row >> 2) & 4) : (row >> 1) & 3;
+    return row * D + ((chunk ^ sw) << 4);
+  }
 };
 
 // A K-major FP8 operand tile of R rows x KB bytes, as wgmma reads it: split into column chunks
@@ -111,11 +121,16 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 __device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
+// A wait that cannot finish is a kernel bug: trap after 2^28 polls (each try_wait suspends
+// for a while; seconds in all) instead of hanging the process. One asm block, so the spin
+// loop costs the surrounding code no registers.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
   asm volatile(
-      "{\n.reg .pred done;\nWAIT_%=:\n"
+      "{\n.reg .pred done, stuck;\n.reg .u32 polls;\nmov.u32 polls, 0;\nWAIT_%=:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
+      "@done bra.uni DONE_%=;\n"
+      "add.u32 polls, polls, 1;\nsetp.eq.u32 stuck, polls, 268435456;\n@stuck trap;\n"
+      "bra.uni WAIT_%=;\nDONE_%=:\n}\n" ::"r"(bar),
       "r"(parity)
       : "memory");
 }
@@ -152,7 +167,75 @@ __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-template <typename QT, int D>
+// Online softmax of one S tile in place: S (raw QK^T accumulator) -> P * 256 (the x256 is
+// folded into the exponent, so it costs nothing). m: running row max in log2 units; l: this
+// thread's share of the row sums of P * 256; alpha: the rescale of earlier tiles.
+// kMask: the tile crosses a causal / window / end edge; kSoftcap: cap * tanh(s / cap) first.
+struct TileMask {
+  int key0;    // key of this thread's first S column
+  int kv_end;  // keys >= kv_end are invisible
+  int pos[2];  // positions of the thread's two rows
+  bool causal;
+  int window_left;
+};
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <int kSRegs, bool kMask, bool kSoftcap>
+__device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                             float scale_log2, float score_scale, float softcap,
+                                             const TileMask& tm) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  // With a soft cap the scores are transformed into log2 units here; otherwise the scale is
+  // folded into the exponent's FFMA (it is positive, so the max commutes with it).
+  const float exp_scale = kSoftcap ? 1.f : scale_log2;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float mx = -CUDART_INF_F;
+#pragma unroll
+    for (int i = 0; i < kSRegs / 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float x = s[4 * i + 2 * h + e];
+        if constexpr (kSoftcap) x = softcap * kLog2e * tanhf(x * score_scale / softcap);
+        if constexpr (kMask) {
+          const int key = tm.key0 + 8 * i + e;
+          bool visible = key < tm.kv_end;
+          if (tm.causal) visible = visible && key <= tm.pos[h];
+          if (tm.window_left >= 0) visible = visible && key >= tm.pos[h] - tm.window_left;
+          x = visible ? x : -CUDART_INF_F;
+        }
+        s[4 * i + 2 * h + e] = x;
+        mx = fmaxf(mx, x);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m[h], mx * exp_scale);
+    const float m_use = m_new == -CUDART_INF_F ? 0.f : m_new;  // nothing visible yet: keep exps at 0
+    alpha[h] = fast_exp2(m[h] - m_use);
+    const float offset = 8.f - m_use;  // P * 256 = 2^(x - m + 8)
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < kSRegs / 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float pr = fast_exp2(fmaf(s[4 * i + 2 * h + e], exp_scale, offset));
+        s[4 * i + 2 * h + e] = pr;
+        sum += pr;
+      }
+    l[h] = l[h] * alpha[h] + sum;
+    m[h] = m_new;
+  }
+}
+
+// kEveryTile: promote_every == 1, the default. Other intervals keep a second accumulator alive
+// across tiles, which costs head_dim / 2 registers (and spills at head_dim 128), so they get
+// their own instantiation. head_dim 256 promotes per 64-column slice and takes 0 or 1 at runtime.
+template <typename QT, int D, bool kEveryTile>
 __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionParams p, const int promote_every) {
   using Cfg = PrefillFp8Config<D>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
@@ -240,7 +323,7 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
           src = head_base + btab[blk] * p.kv.block_stride + off * p.kv.token_stride + part * 16;
         }
         cp_async16(k_dst + KTile::offset(key, part * 16), src, valid);
-        cp_async16(v_dst + key * Cfg::kVPitch + part * 16, valid ? src + p.kv.kv_stride : src, valid);
+        cp_async16(v_dst + Cfg::v_staging_offset(key, part), valid ? src + p.kv.kv_stride : src, valid);
       }
       mbar_arrive_cp_async(landed(st));
     };
@@ -248,29 +331,33 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
     // word w of a V^T row holds k-positions 4w..4w+3, which in the P fragment are the keys
     // {2u, 2u+1, 2u+8, 2u+9} (+16 for the upper half) of the step, u = (w % 8) % 4.
     constexpr int kWords = kBlockN / 4;
-    constexpr int kVtTasks = kWords * (D / 4);
+    constexpr int kVtTasks = kWords * (D / 16);  // a task: one V^T word column x 16 dims
     auto transpose = [&](int t) {
       const int st = t % kStages;
       mbar_wait(landed(st), (t / kStages) & 1);
       const uint8_t* src = v_staging(st);
       uint8_t* dst = vt_tile(st);
-#pragma unroll 4
+#pragma unroll 1
       for (int task = tid; task < kVtTasks; task += Cfg::kProducerThreads) {
-        const int w = task % kWords, dw = task / kWords;  // dims 4dw..4dw+3
+        const int w = task % kWords, dg = task / kWords;  // dims 16dg..16dg+15
         const int step = w / 8, tt = w % 8, u = tt % 4;
         const int kbase = step * 32 + (tt >= 4 ? 16 : 0) + 2 * u;
-        const uint8_t* s0 = src + kbase * Cfg::kVPitch + 4 * dw;
-        const uint32_t x0 = *reinterpret_cast<const uint32_t*>(s0);
-        const uint32_t x1 = *reinterpret_cast<const uint32_t*>(s0 + Cfg::kVPitch);
-        const uint32_t x2 = *reinterpret_cast<const uint32_t*>(s0 + 8 * Cfg::kVPitch);
-        const uint32_t x3 = *reinterpret_cast<const uint32_t*>(s0 + 9 * Cfg::kVPitch);
-        const uint32_t t0 = prmt(x0, x1, 0x5140), t1 = prmt(x0, x1, 0x7362);  // 4x4 byte transpose
-        const uint32_t t2 = prmt(x2, x3, 0x5140), t3 = prmt(x2, x3, 0x7362);
-        const int d = 4 * dw;
-        *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 0, 4 * w)) = prmt(t0, t2, 0x5410);
-        *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 1, 4 * w)) = prmt(t0, t2, 0x7632);
-        *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 2, 4 * w)) = prmt(t1, t3, 0x5410);
-        *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 3, 4 * w)) = prmt(t1, t3, 0x7632);
+        const uint4 r0 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase, dg));
+        const uint4 r1 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase + 1, dg));
+        const uint4 r2 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase + 8, dg));
+        const uint4 r3 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase + 9, dg));
+        const uint32_t x0[4] = {r0.x, r0.y, r0.z, r0.w}, x1[4] = {r1.x, r1.y, r1.z, r1.w};
+        const uint32_t x2[4] = {r2.x, r2.y, r2.z, r2.w}, x3[4] = {r3.x, r3.y, r3.z, r3.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {  // 4x4 byte transpose: dims 16dg + 4j .. +3 of the 4 keys
+          const uint32_t t0 = prmt(x0[j], x1[j], 0x5140), t1 = prmt(x0[j], x1[j], 0x7362);
+          const uint32_t t2 = prmt(x2[j], x3[j], 0x5140), t3 = prmt(x2[j], x3[j], 0x7362);
+          const int d = dg * 16 + 4 * j;
+          *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 0, 4 * w)) = prmt(t0, t2, 0x5410);
+          *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 1, 4 * w)) = prmt(t0, t2, 0x7632);
+          *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 2, 4 * w)) = prmt(t1, t3, 0x5410);
+          *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 3, 4 * w)) = prmt(t1, t3, 0x7632);
+        }
       }
       fence_proxy_async();  // K (cp.async) and V^T (st.shared) -> visible to wgmma
       mbar_arrive(ready(st));
@@ -294,6 +381,7 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
   const float v_scale = p.v_scale[kv_head * p.v_scale_stride];
   constexpr float kLog2e = 1.4426950408889634f;
   const float score_scale = p.softmax_scale * q_scale * k_scale;  // natural-log units
+  const float scale_log2 = score_scale * kLog2e;
 
   // ---- Q: this warpgroup's 64 rows, quantized in registers, stored swizzled.
   {
@@ -337,7 +425,7 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
 #pragma unroll
   for (int i = 0; i < kPvRegs; ++i) o_part[i] = 0.f;
   float m[2] = {-CUDART_INF_F, -CUDART_INF_F};  // running max, log2 units
-  float l[2] = {0.f, 0.f};                      // this thread's share of the row sums
+  float l[2] = {0.f, 0.f};                      // this thread's share of the row sums of P * 256
   float part_alpha[2] = {1.f, 1.f};             // o_main's rescale owed since the last promotion
   bool part_empty = true;
 
@@ -360,47 +448,17 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
       fence_regs(s);
     }
 
-    // Online softmax in log2 units; masks only on tiles that cross an edge.
+    // Online softmax; masks only on tiles that cross an edge.
     const bool need_mask = k0 + kBlockN > kv_end || (p.causal && k0 + kBlockN - 1 > first_pos) ||
                            (p.window_left >= 0 && k0 < last_pos - p.window_left);
     float alpha[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = -CUDART_INF_F;
-#pragma unroll
-      for (int i = 0; i < kSRegs / 4; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float x = s[4 * i + 2 * h + e] * score_scale;
-          if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
-          x *= kLog2e;
-          if (need_mask) {
-            const int key = k0 + 8 * i + 2 * tq + e;
-            bool visible = key < kv_end;
-            if (p.causal) visible = visible && key <= pos[h];
-            if (p.window_left >= 0) visible = visible && key >= pos[h] - p.window_left;
-            x = visible ? x : -CUDART_INF_F;
-          }
-          s[4 * i + 2 * h + e] = x;
-          mx = fmaxf(mx, x);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[h], mx);
-      const float m_use = m_new == -CUDART_INF_F ? 0.f : m_new;  // nothing visible yet: keep exps at 0
-      alpha[h] = exp2f(m[h] - m_use);
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < kSRegs / 4; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pr = exp2f(s[4 * i + 2 * h + e] - m_use);
-          s[4 * i + 2 * h + e] = pr * 256.f;
-          sum += pr;
-        }
-      l[h] = l[h] * alpha[h] + sum;
-      m[h] = m_new;
-    }
+    const TileMask tm{k0 + 2 * tq, kv_end, {pos[0], pos[1]}, p.causal, p.window_left};
+    if (p.softcap > 0.f)
+      softmax_tile<kSRegs, true, true>(s, m, l, alpha, scale_log2, score_scale, p.softcap, tm);
+    else if (need_mask)
+      softmax_tile<kSRegs, true, false>(s, m, l, alpha, scale_log2, score_scale, p.softcap, tm);
+    else
+      softmax_tile<kSRegs, false, false>(s, m, l, alpha, scale_log2, score_scale, p.softcap, tm);
 
     // P -> e4m3 A fragments (see the header comment for the key order).
     uint32_t pa[kPSteps][4];
@@ -415,7 +473,18 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
 
     const uint32_t vt_smem = smem_addr(vt_tile(st));
     const bool last = t + 1 == num_tiles;
-    if constexpr (kPvSlices == 1) {
+    if constexpr (kPvSlices == 1 && kEveryTile) {
+      wgmma_fence();
+      fence_regs(o_part);
+#pragma unroll
+      for (int c = 0; c < kPSteps; ++c) PV::rs(o_part, pa[c], VtTile::desc(vt_smem, 0, c), c > 0 ? 1 : 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(o_part);
+      mbar_arrive(empty(st));
+#pragma unroll
+      for (int i = 0; i < kPvRegs; ++i) o_main[0][i] = o_main[0][i] * alpha[(i / 2) % 2] + o_part[i];
+    } else if constexpr (kPvSlices == 1) {
       // o_part accumulates on the tensor cores; o_main gets it every promote_every tiles.
       if (!part_empty) {
 #pragma unroll
@@ -484,11 +553,11 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
       const float sink = p.sinks[head] * kLog2e;
       const float m_new = fmaxf(m_fin, sink);
       scale_out = exp2f(m_fin - m_new);  // m_fin = -inf (no keys) gives 0
-      lsum = lsum * scale_out + exp2f(sink - m_new);
+      lsum = lsum * scale_out + exp2f(sink - m_new + 8.f);
       m_fin = m_new;
     }
     if (row >= num_rows) continue;
-    const float inv = lsum > 0.f ? scale_out * v_scale / (256.f * lsum) : 0.f;
+    const float inv = lsum > 0.f ? scale_out * v_scale / lsum : 0.f;  // the x256 of P cancels
     const int tok = q_begin + row / group;
     QT* o = static_cast<QT*>(p.out) + tok * p.o_tok_stride + head * p.o_head_stride;
 #pragma unroll
@@ -500,7 +569,7 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
             pack2<QT>(o_main[sl][4 * i + 2 * h] * inv, o_main[sl][4 * i + 2 * h + 1] * inv);
       }
     if (p.lse != nullptr && tq == 0)
-      p.lse[head * p.lse_head_stride + tok] = lsum > 0.f ? (m_fin + log2f(lsum)) / kLog2e : -CUDART_INF_F;
+      p.lse[head * p.lse_head_stride + tok] = lsum > 0.f ? (m_fin + log2f(lsum) - 8.f) / kLog2e : -CUDART_INF_F;
   }
 }
 
@@ -510,7 +579,10 @@ void launch_prefill_fp8(const AttentionParams& p, int max_query_len, int promote
   const int group = p.num_q_heads / p.num_kv_heads;
   const int tiles = (max_query_len * group + Cfg::kBlockM - 1) / Cfg::kBlockM;
   if (tiles == 0 || p.num_seqs == 0) return;
-  auto kernel = prefill_fp8_kernel<QT, D>;
+  auto kernel = prefill_fp8_kernel<QT, D, true>;
+  if constexpr (D != 256) {
+    if (promote_every != 1) kernel = prefill_fp8_kernel<QT, D, false>;
+  }
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   const dim3 grid(tiles, p.num_seqs, p.num_kv_heads);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, promote_every);

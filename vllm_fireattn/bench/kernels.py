@@ -60,12 +60,13 @@ def _fa3(s, q_len, seqlen, causal, fp8, d):
                                           out=out, fa_version=3, **kw)
 
 
-def _ours(s, op, q_len, causal, fp8, d):
+def _ours(s, op, q_len, causal, fp8, d, promote_every=None):
     cache = s["ours_fp8"] if fp8 else s["ours_bf16"]
     out = torch.empty_like(s["q"])
     one = s["one"]
+    extra = () if promote_every is None else (promote_every,)
     return lambda: op(out, s["q"], cache, s["block_table"], s["cu_q"], s["seq_lens"], one, one, one, d**-0.5,
-                      q_len, causal, -1, 0.0, None, None)
+                      q_len, causal, -1, 0.0, None, None, *extra)
 
 
 def run(bench: str, quick: bool = False) -> list[dict]:
@@ -87,9 +88,15 @@ def run(bench: str, quick: bool = False) -> list[dict]:
             base = dict(bench=bench, head_dim=d, num_q_heads=hq, num_kv_heads=hkv, batch=batch, seqlen=seqlen,
                         causal=causal, paged=True, block_size=BLOCK)
             op = ops.prefill if bench == "prefill" else ops.decode
-            for impl, kv in (("fa3", "bf16"), ("fa3", "fp8"), ("fireattn", "bf16"), ("fireattn", "fp8")):
-                fn = _fa3(s, q_len, seqlen, causal, kv == "fp8", d) if impl == "fa3" else \
-                    _ours(s, op, q_len, causal, kv == "fp8", d)
+            impls = [("fa3", "bf16"), ("fa3", "fp8"), ("fireattn", "bf16"), ("fireattn", "fp8")]
+            if bench == "prefill":  # the two-level accumulation's cost: promote every tile vs never
+                impls.append(("fireattn-never", "fp8"))
+            for impl, kv in impls:
+                if impl == "fa3":
+                    fn = _fa3(s, q_len, seqlen, causal, kv == "fp8", d)
+                else:
+                    never = impl == "fireattn-never"
+                    fn = _ours(s, op, q_len, causal, kv == "fp8", d, (0 if never else 1) if bench == "prefill" else None)
                 ms = _bench(fn)
                 rec = dict(base, impl=impl, kv_dtype=kv, ms=ms)
                 if bench == "prefill":
@@ -116,9 +123,9 @@ def _add_ratios(records):
 
 def print_table(records) -> None:
     metric = "tflops" if records and "tflops" in records[0] else "gbps"
-    print(f"{'D':>4} {'batch':>5} {'seqlen':>7} {'causal':>6} {'impl':>9} {'kv':>5} {'ms':>9} {metric:>8} "
+    print(f"{'D':>4} {'batch':>5} {'seqlen':>7} {'causal':>6} {'impl':>14} {'kv':>5} {'ms':>9} {metric:>8} "
           f"{'t/fa3bf16':>9} {'x fa3fp8':>8}")
     for r in records:
-        print(f"{r['head_dim']:>4} {r['batch']:>5} {r['seqlen']:>7} {str(r['causal']):>6} {r['impl']:>9} "
+        print(f"{r['head_dim']:>4} {r['batch']:>5} {r['seqlen']:>7} {str(r['causal']):>6} {r['impl']:>14} "
               f"{r['kv_dtype']:>5} {r['ms']:>9.3f} {r[metric]:>8.1f} {r['time_vs_fa3_bf16']:>9.2f} "
               f"{r['speedup_vs_fa3_fp8']:>8.2f}")

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 LABELS = {("fa3", "bf16"): "FA3 BF16", ("fa3", "fp8"): "FA3 FP8", ("fireattn", "bf16"): "FIREATTN BF16",
-          ("fireattn", "fp8"): "FIREATTN FP8"}
+          ("fireattn", "fp8"): "FIREATTN FP8", ("fireattn-never", "fp8"): "FIREATTN FP8, never promoted"}
 
 
 def plot(json_path: str, png_path: str | None = None) -> str:
@@ -43,7 +43,7 @@ def plot(json_path: str, png_path: str | None = None) -> str:
             pts = sorted((r[xkey], r[metric]) for r in rows if r["head_dim"] == d and r["impl"] == impl
                          and r["kv_dtype"] == kv)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=label, linestyle="-" if impl == "fireattn" else "--")
+                ax.plot(*zip(*pts), marker="o", label=label, linestyle="-" if impl.startswith("fireattn") else "--")
         ax.set_xscale("log", base=2)
         ax.set_title(f"head_dim {d}")
         ax.set_xlabel(xlabel)
