@@ -142,8 +142,9 @@ class _ReferenceOps:
         self.calls.append("cache_write")
         ref.cache_write(*a)
 
-    def prefill(self, out, *a):
+    def prefill(self, out, *a, promote_every=1):
         self.calls.append("prefill")
+        self.promote_every = promote_every  # the setting reaches the op (it changes no math here)
         tmp = torch.zeros(out.shape, dtype=torch.float64)
         tmp.copy_(out)
         ref.prefill(tmp, *a)

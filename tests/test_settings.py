@@ -7,7 +7,8 @@ from vllm_fireattn.settings import FireAttnConfigError, FireAttnSettings, resolv
 def test_defaults():
     assert resolve({}, {}) == FireAttnSettings("checkpoint", None, None, "none", 256, 0.1)
     assert resolve(None, {}).describe() == ("scales=checkpoint, calibration_file=None, decode_splits=auto, "
-                                            "skip_policy=none, skip_window_max=256, skip_error_max=0.1")
+                                            "skip_policy=none, skip_window_max=256, skip_error_max=0.1, "
+                                            "promote_every=1")
 
 
 def test_additional_config_wins_over_environment(tmp_path):
@@ -33,6 +34,8 @@ def test_additional_config_wins_over_environment(tmp_path):
     ({"fireattn": {"skip_policy": "sliding"}}, {}, r"skip_policy='sliding': accepted values are \['none', 'auto'\]"),
     ({}, {"FIREATTN_SKIP_WINDOW_MAX": "-1"}, r"FIREATTN_SKIP_WINDOW_MAX='-1': accepted values are an integer >= 0"),
     ({"fireattn": {"skip_error_max": "x"}}, {}, r"skip_error_max='x': accepted values are a number > 0"),
+    ({}, {"FIREATTN_PROMOTE_EVERY": "-1"}, r"FIREATTN_PROMOTE_EVERY='-1': accepted values are an integer 0..1024"),
+    ({"fireattn": {"promote_every": 2000}}, {}, r"promote_every=2000: accepted values are an integer 0..1024"),
 ])
 def test_bad_values_name_the_value_and_the_accepted_ones(config, env, match):
     with pytest.raises(FireAttnConfigError, match=match):
@@ -49,3 +52,12 @@ def test_calibration_file_without_calibration_scales_is_refused(tmp_path):
 def test_skip_policy_settings():
     got = resolve({"fireattn": {"skip_policy": "auto"}}, {"FIREATTN_SKIP_WINDOW_MAX": "512", "FIREATTN_SKIP_ERROR_MAX": "0.2"})
     assert (got.skip_policy, got.skip_window_max, got.skip_error_max) == ("auto", 512, 0.2)
+
+
+def test_promote_every_from_either_source_and_head_dim_256_limit():
+    assert resolve({}, {"FIREATTN_PROMOTE_EVERY": "0"}).promote_every == 0
+    assert resolve({"fireattn": {"promote_every": 4}}, {"FIREATTN_PROMOTE_EVERY": "0"}).promote_every == 4
+    resolve({"fireattn": {"promote_every": 4}}, {}).check_head_dim(128)
+    resolve({"fireattn": {"promote_every": 1}}, {}).check_head_dim(256)
+    with pytest.raises(FireAttnConfigError, match="head_dim 256 layers accept 0 \\(never\\) or 1"):
+        resolve({"fireattn": {"promote_every": 4}}, {}).check_head_dim(256)

@@ -10,11 +10,15 @@ environment variables (vLLM's `--kv-cache-dtype` values are closed, so FP8 itsel
 | skip_policy             | FIREATTN_SKIP_POLICY        | none, auto (vllm_fireattn/policy.py)    | none         |
 | skip_window_max         | FIREATTN_SKIP_WINDOW_MAX    | integer >= 0 (tokens)                   | 256          |
 | skip_error_max          | FIREATTN_SKIP_ERROR_MAX     | number > 0 (relative L2)                | 0.1          |
+| promote_every           | FIREATTN_PROMOTE_EVERY      | integer 0..1024 (0: never)              | 1            |
 
 scales: "checkpoint" uses what vLLM loaded (per-tensor or compressed-tensors attn_head scales,
 1.0 when the checkpoint has none); "calibration" uses the per-layer, per-KV-head scales of
 `calibration_file` (absmax / 448 of post-RoPE K, V and Q); "one" forces 1.0, the documented
-uncalibrated worst case. The additional-config value wins over the environment; every value is
+uncalibrated worst case. promote_every: KV tiles between promotions of the FP8 prefill's
+tensor-core PV accumulator into its FP32 accumulator (two-level accumulation); 1 is the most
+accurate and, on an H200, also the fastest (benchmarks/results/h200/README.md); head_dim 256
+layers take 0 or 1. The additional-config value wins over the environment; every value is
 validated when the backend starts, and a bad one is an error that names it and the accepted ones.
 Imports nothing from vLLM.
 """
@@ -27,9 +31,11 @@ from typing import Any, Mapping
 SCALE_SOURCES = ("checkpoint", "calibration", "one")
 SKIP_POLICIES = ("none", "auto")
 MAX_DECODE_SPLITS = 128
+MAX_PROMOTE_EVERY = 1024
 ENV = {"scales": "FIREATTN_SCALES", "calibration_file": "FIREATTN_CALIBRATION_FILE",
        "decode_splits": "FIREATTN_DECODE_SPLITS", "skip_policy": "FIREATTN_SKIP_POLICY",
-       "skip_window_max": "FIREATTN_SKIP_WINDOW_MAX", "skip_error_max": "FIREATTN_SKIP_ERROR_MAX"}
+       "skip_window_max": "FIREATTN_SKIP_WINDOW_MAX", "skip_error_max": "FIREATTN_SKIP_ERROR_MAX",
+       "promote_every": "FIREATTN_PROMOTE_EVERY"}
 
 
 class FireAttnConfigError(ValueError):
@@ -44,6 +50,12 @@ class FireAttnSettings:
     skip_policy: str = "none"
     skip_window_max: int = 256
     skip_error_max: float = 0.1
+    promote_every: int = 1
+
+    def check_head_dim(self, head_dim: int, origin: str = "promote_every") -> None:
+        """head_dim 256 promotes per 64-column slice: every tile or never."""
+        if head_dim == 256 and self.promote_every > 1:
+            raise FireAttnConfigError(f"{origin}={self.promote_every}: head_dim 256 layers accept 0 (never) or 1")
 
     def describe(self) -> str:
         d = asdict(self)
@@ -108,8 +120,11 @@ def resolve(additional_config: Mapping[str, Any] | None = None,
                                _where("skip_window_max", origin.get("skip_window_max", True)))
     error_max = _parse_number(raw.get("skip_error_max", 0.1), float, 1e-9, "a number > 0",
                               _where("skip_error_max", origin.get("skip_error_max", True)))
+    promote_every = _parse_number(raw.get("promote_every", 1), int, 0, f"an integer 0..{MAX_PROMOTE_EVERY}",
+                                  _where("promote_every", origin.get("promote_every", True)), MAX_PROMOTE_EVERY)
     return FireAttnSettings(scales=scales, calibration_file=calibration_file, decode_splits=splits,
-                            skip_policy=policy, skip_window_max=window_max, skip_error_max=error_max)
+                            skip_policy=policy, skip_window_max=window_max, skip_error_max=error_max,
+                            promote_every=promote_every)
 
 
 def _parse_number(raw: Any, kind, minimum, accepted: str, where: str, maximum=None):

@@ -291,6 +291,8 @@ class FireAttnImpl(AttentionImpl[FireAttnMetadata]):
         vllm_config = get_current_vllm_config_or_none()
         self._model_config = getattr(vllm_config, "model_config", None)
         self.settings: FireAttnSettings = resolve(getattr(vllm_config, "additional_config", None))
+        if self.is_fp8:
+            self.settings.check_head_dim(head_size)
         self._scale_table: dict[str, torch.Tensor] | None = None  # "q"/"k"/"v": [layers, local kv heads]
         self._layer_scales: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # by layer name
         if not FireAttnImpl._logged:
@@ -360,7 +362,7 @@ class FireAttnImpl(AttentionImpl[FireAttnMetadata]):
             ops.prefill(
                 output, query, kv_cache, m.prefill_block_table, m.prefill_query_start_loc, m.prefill_seq_lens,
                 *scales, self.scale, m.max_query_len, True, self.window_left, self.logits_soft_cap,
-                sinks, None,
+                sinks, None, promote_every=self.settings.promote_every,
             )
         return output
 
