@@ -12,12 +12,14 @@ import torch
 def environment(command: str) -> dict:
     import vllm
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except OSError:
-        commit = ""
-    commit = commit or os.environ.get("FIREATTN_GIT_COMMIT", "")  # device copies carry no .git
+    # FIREATTN_GIT_COMMIT wins: copies of a checkout on a GPU host may carry no (or stale) .git.
+    commit = os.environ.get("FIREATTN_GIT_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        except OSError:
+            commit = ""
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                 capture_output=True, text=True, timeout=30).stdout.strip()
