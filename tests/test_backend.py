@@ -268,10 +268,10 @@ def test_calibrated_scales_reach_the_kernels(monkeypatch, tmp_path):
     monkeypatch.setattr(B, "ops", fake)
     impl.do_kv_cache_update(_layer(1), None, None, None, None)
     k_scale, v_scale = fake.scales["cache_write"]
-    torch.testing.assert_close(k_scale.cpu(), k[1, 2:4] / 448.0)  # layer 1, TP rank 1 of 2: KV heads 2 and 3
-    torch.testing.assert_close(v_scale.cpu(), v[1, 2:4] / 448.0)
+    torch.testing.assert_close(k_scale.cpu(), k[1, 2:4] * calibration.HEADROOM / 448.0)  # layer 1, TP rank 1 of 2: KV heads 2 and 3
+    torch.testing.assert_close(v_scale.cpu(), v[1, 2:4] * calibration.HEADROOM / 448.0)
     q_scale, _, _ = impl._scales(_layer(0))
-    torch.testing.assert_close(q_scale.cpu(), q[0, 2:4] / 448.0)
+    torch.testing.assert_close(q_scale.cpu(), q[0, 2:4] * calibration.HEADROOM / 448.0)
 
 
 def test_scales_one_overrides_the_checkpoint(monkeypatch):
