@@ -19,6 +19,7 @@
 
 #include "common/attention_params.h"
 #include "common/fp8.cuh"
+#include "common/row_tile.cuh"
 
 namespace fireattn {
 
@@ -81,14 +82,10 @@ __global__ void __launch_bounds__(SimpleTile<D>::kThreads) simple_attention_kern
   float* p_s = v_s + kKeys * D;               // [kWarps][kRowsPerWarp][kKeys]
 
   const int seq = blockIdx.y, kv_head = blockIdx.z;
-  const int group = p.num_q_heads / p.num_kv_heads;
-  const int q_begin = p.cu_seqlens_q[seq];
-  const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
-  const int seq_len = p.seq_lens[seq];
-  const int num_rows = q_len * group;
   const int row0 = blockIdx.x * kRows;
-  if (row0 >= num_rows) return;
-  const int context = seq_len - q_len;  // keys before this step's queries (bottom-right alignment)
+  const RowTile rt(p, seq, row0, kRows);
+  if (rt.empty) return;
+  const int group = rt.group, q_begin = rt.q_begin, num_rows = rt.num_rows, context = rt.context;
 
   const float q_scale = kFp8 ? p.q_scale[kv_head * p.q_scale_stride] : 1.f;
   const float k_scale = kFp8 ? p.k_scale[kv_head * p.k_scale_stride] : 1.f;
@@ -107,11 +104,7 @@ __global__ void __launch_bounds__(SimpleTile<D>::kThreads) simple_attention_kern
     q_s[i] = x;
   }
 
-  // Key range this tile can see.
-  const int last_row = min(row0 + kRows, num_rows) - 1;
-  const int first_pos = context + row0 / group, last_pos = context + last_row / group;
-  const int kv_end = p.causal ? min(seq_len, last_pos + 1) : seq_len;
-  const int kv_begin = p.window_left >= 0 ? max(0, first_pos - p.window_left) : 0;
+  const int kv_end = rt.kv_end, kv_begin = rt.kv_begin;  // keys this tile can see
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int pos[Tile::kRowsPerWarp];

@@ -28,6 +28,7 @@
 
 #include "common/attention_params.h"
 #include "common/fp8.cuh"
+#include "common/row_tile.cuh"
 #include "generated/wgmma_fp8.h"
 
 namespace fireattn {
@@ -266,20 +267,11 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
   // Heavy (late, causal) row tiles first.
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int seq = blockIdx.y, kv_head = blockIdx.z;
-  const int group = p.num_q_heads / p.num_kv_heads;
-  const int q_begin = p.cu_seqlens_q[seq];
-  const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
-  const int seq_len = p.seq_lens[seq];
-  const int num_rows = q_len * group;
   const int row0 = m_block * kBlockM;
-  if (row0 >= num_rows) return;
-  const int context = seq_len - q_len;
-
-  // Key range of this CTA's rows.
-  const int last_row = min(row0 + kBlockM, num_rows) - 1;
-  const int first_pos = context + row0 / group, last_pos = context + last_row / group;
-  const int kv_end = p.causal ? min(seq_len, last_pos + 1) : seq_len;
-  const int kv_begin = p.window_left >= 0 ? max(0, first_pos - p.window_left) : 0;
+  const RowTile rt(p, seq, row0, kBlockM);
+  if (rt.empty) return;
+  const int group = rt.group, q_begin = rt.q_begin, num_rows = rt.num_rows, context = rt.context;
+  const int first_pos = rt.first_pos, last_pos = rt.last_pos, kv_end = rt.kv_end, kv_begin = rt.kv_begin;
   const int tile0 = kv_begin / kBlockN * kBlockN;
   const int num_tiles = kv_end > tile0 ? (kv_end - tile0 + kBlockN - 1) / kBlockN : 0;
 
