@@ -10,8 +10,9 @@ an interrupted run resumes where it stopped:
   request per rep: TTFT and ITL come from vLLM's per-request stats (first-token latency; last minus
   first token time over output_len - 1), or, where a vLLM build gives no stats, from wall clock (a
   1-token request for TTFT). Each point is the median of --reps requests with fresh random token
-  ids (prefix caching off). While FIREATTN prefill still runs the first CUDA-core kernel, long
-  inputs cost minutes per request: cap --input-lens (e.g. at 32768) for FIREATTN runs.
+  ids (prefix caching off). FIREATTN with a BF16 cache (--kv auto) still prefills on the first
+  CUDA-core kernel, where long inputs cost minutes per request: cap --input-lens (e.g. at 32768)
+  for those runs.
 - load: --load-requests concurrent requests of --load-input tokens in, --load-output out;
   output tokens per second.
 `report` merges every JSON of a directory and writes the markdown report (fits, ratios against
