@@ -94,3 +94,65 @@ def test_measure_uses_engine_stats_and_falls_back_to_wall_clock():
     assert method == "engine_stats" and ttft == pytest.approx(250.0) and itl == pytest.approx(6.0)
     ttft, itl, method = e2e._measure(_FakeLLM(None), [1, 2, 3], 128)
     assert method == "wall_clock" and ttft >= 0
+
+
+# ---- serving at a latency budget (serve_budget.py) ----
+
+def _serve(backend, kv, points):
+    return [dict(bench="e2e_serve", model="llama31-8b", backend=backend, impl=e2e.IMPL_NAMES[backend], kv_dtype=kv,
+                 skip_layers=[], request_rate=rate, request_throughput=thr, median_e2el_ms=lat, completed=100)
+            for rate, thr, lat in points]
+
+
+def test_throughput_at_budget_interpolates_between_rates():
+    from vllm_fireattn.bench.serve_budget import throughput_at_budget
+
+    pts = _serve("FIREATTN", "fp8", [(1, 1.0, 1000.0), (2, 2.0, 2000.0), (4, 3.5, 6000.0), (8, 3.6, 20000.0)])
+    assert throughput_at_budget(pts, 2000.0) == pytest.approx(2.0)
+    assert throughput_at_budget(pts, 4000.0) == pytest.approx(2.0 + 0.5 * 1.5)  # halfway from 2 s to 6 s
+    assert throughput_at_budget(pts, 60000.0) == pytest.approx(3.6)
+    assert throughput_at_budget(pts, 500.0) is None  # even the lowest rate is over budget
+    assert throughput_at_budget(list(reversed(pts)), 2000.0) == pytest.approx(2.0)  # order-free
+
+
+def test_serve_result_parsing_needs_the_e2e_latency():
+    from vllm_fireattn.bench.serve_budget import record_from_result
+
+    r = record_from_result({"request_throughput": 3.0, "median_e2el_ms": 900.0, "p99_e2el_ms": 1500.0,
+                            "completed": 60, "failed": 0}, 4.0)
+    assert r["bench"] == "e2e_serve" and r["request_rate"] == 4.0 and r["p99_e2el_ms"] == 1500.0
+    with pytest.raises(ValueError, match="percentile-metrics"):
+        record_from_result({"request_throughput": 3.0, "completed": 60}, 4.0)
+
+
+def test_serve_commands_use_vllm_serve_and_its_load_generator(tmp_path):
+    from vllm_fireattn.bench import serve_budget as sb
+
+    srv = sb.server_command(e2e.CONFIGS / "gemma3-12b-text", "/tok", "FIREATTN", "fp8", ["sliding_window"], 8765,
+                            2400, 0.9)
+    assert "serve" in srv and srv[srv.index("--attention-backend") + 1] == "FIREATTN"
+    assert srv[srv.index("--load-format") + 1] == "dummy" and "--no-enable-prefix-caching" in srv
+    assert srv[-2:] == ["--kv-cache-dtype-skip-layers", "sliding_window"]
+    cli = sb.client_command(e2e.CONFIGS / "llama31-8b", "/tok", 8765, 4.0, 2048, 256, 120, tmp_path, "r.json")
+    assert cli[cli.index("bench") + 1] == "serve" and cli[cli.index("--request-rate") + 1] == "4.0"
+    assert "e2el" in cli[cli.index("--percentile-metrics") + 1]
+    assert sb.num_prompts_for(0.5, 30) == 20 and sb.num_prompts_for(8, 30) == 240
+
+
+def test_report_has_the_latency_budget_table(tmp_path):
+    d = tmp_path / "e2e"
+    for backend, kv, pts in (("FLASH_ATTN", "bf16", [(1, 1.0, 2000.0), (2, 1.9, 4000.0), (4, 2.5, 12000.0)]),
+                             ("FIREATTN", "fp8", [(1, 1.0, 1500.0), (2, 2.0, 2500.0), (4, 3.8, 6000.0)])):
+        path = e2e.result_path(d, "llama31-8b", backend, "auto" if kv == "bf16" else kv, [])
+        e2e._save(path, {"env": {"gpu": "NVIDIA H200"}, "records": _serve(backend, kv, pts)})
+    text = e2e.report(d, tmp_path / "r.md", [3000.0, 5000.0]).read_text()
+    assert "Serving at a latency budget" in text
+    # FIREATTN @3 s: 2.0 + (500 / 3500) * 1.8 = 2.257; @5 s: 2.0 + (2500 / 3500) * 1.8 = 3.286.
+    # FA3 BF16 @3 s: 1.0 + 0.5 * 0.9 = 1.45; @5 s: 1.9 + (1000 / 8000) * 0.6 = 1.975.
+    assert "| FIREATTN | fp8 | - | 2.26 (1.56) | 3.29 (1.66) |" in text
+    assert "| FLASH_ATTN | bf16 | - | 1.45 (1.00) | 1.97 (1.00) |" in text
+
+
+def test_cli_serve_needs_a_tokenizer():
+    with pytest.raises(SystemExit):
+        e2e.main(["run", "--model", "llama31-8b", "--backend", "FIREATTN", "--kv", "fp8", "--kinds", "serve"])

@@ -15,6 +15,10 @@ an interrupted run resumes where it stopped:
   for those runs.
 - load: --load-requests concurrent requests of --load-input tokens in, --load-output out;
   output tokens per second.
+- serve: online serving at a latency budget (serve_budget.py): one `vllm serve` loaded by vLLM's
+  `vllm bench serve` at each of --serve-rates; the report gives the requests/s sustained under
+  each median end-to-end latency cutoff. Needs --serve-tokenizer (any tokenizer whose ids fit the
+  model's vocabulary, e.g. SmolLM2's). It runs before the in-process engine of sweep/load.
 `report` merges every JSON of a directory and writes the markdown report (fits, ratios against
 FLASH_ATTN BF16, targets) plus PNG plots next to it: ITL = slope x input_len + intercept (least
 squares), TTFT = quadratic fit, break-even input length against BF16 of the same backend family.
@@ -104,7 +108,7 @@ def _save(path: Path, data: dict) -> None:
 
 def run(model: str, backend: str, kv: str, skip_layers: list[str], out_dir: Path, kinds: list[str],
         input_lens: list[int], output_len: int, reps: int, load_requests: int, load_input: int, load_output: int,
-        gpu_memory_utilization: float, command: str) -> Path:
+        gpu_memory_utilization: float, command: str, serve: dict | None = None) -> Path:
     from tqdm import tqdm
 
     from vllm_fireattn.bench.env import environment
@@ -122,6 +126,8 @@ def run(model: str, backend: str, kv: str, skip_layers: list[str], out_dir: Path
     base = dict(model=model, impl=IMPL_NAMES[backend], backend=backend, kv_dtype="bf16" if kv == "auto" else kv,
                 skip_layers=skip_layers)
     done = {(r["bench"], r.get("input_len")) for r in data["records"]}
+    if "serve" in kinds:
+        _run_serve(model, backend, kv, skip_layers, out_dir, path, data, base, gpu_memory_utilization, serve or {})
     todo = [n for n in input_lens if ("e2e_sweep", n) not in done] if "sweep" in kinds else []
     need_load = "load" in kinds and ("e2e_load", load_input) not in done
     if not todo and not need_load:
@@ -144,6 +150,25 @@ def run(model: str, backend: str, kv: str, skip_layers: list[str], out_dir: Path
                                     output_tok_per_s=load_requests * load_output / (ms / 1e3)))
         _save(path, data)
     return path
+
+
+def _run_serve(model, backend, kv, skip_layers, out_dir, path, data, base, gpu_memory_utilization, serve: dict):
+    from vllm_fireattn.bench import serve_budget
+
+    if not serve.get("tokenizer"):
+        raise SystemExit("--kinds serve needs --serve-tokenizer (a tokenizer folder whose ids fit the model)")
+    rates_done = {r["request_rate"] for r in data["records"] if r["bench"] == "e2e_serve"}
+    rates = [r for r in serve.get("rates", serve_budget.DEFAULT_RATES) if r not in rates_done]
+    if not rates:
+        return
+
+    def keep(record):
+        data["records"].append(dict(base, **record))
+        _save(path, data)
+
+    serve_budget.measure(CONFIGS / model, serve["tokenizer"], backend, kv, skip_layers, rates,
+                         serve.get("input_len", 2048), serve.get("output_len", 256), serve.get("seconds", 30.0),
+                         serve.get("port", 8765), gpu_memory_utilization, Path(out_dir) / "logs", keep)
 
 
 # ---- analysis (pure Python, CPU) -----------------------------------------------------------
@@ -196,15 +221,22 @@ def _variant(r: dict) -> tuple:
     return (r["model"], r["backend"], r["kv_dtype"], tuple(r.get("skip_layers") or ()))
 
 
-def analyze(records: list[dict]) -> list[dict]:
-    """e2e_fit records: per variant, fits and ratios against FLASH_ATTN BF16 of the same model."""
+def analyze(records: list[dict], cutoffs_ms=None) -> list[dict]:
+    """e2e_fit records: per variant, fits and ratios against FLASH_ATTN BF16 of the same model,
+    and requests/s at each median end-to-end latency cutoff where serve points exist."""
+    from vllm_fireattn.bench.serve_budget import DEFAULT_CUTOFFS_MS, throughput_at_budget
+
+    cutoffs_ms = list(cutoffs_ms or DEFAULT_CUTOFFS_MS)
     sweeps: dict[tuple, list[dict]] = {}
     loads: dict[tuple, dict] = {}
+    serves: dict[tuple, list[dict]] = {}
     for r in records:
         if r["bench"] == "e2e_sweep":
             sweeps.setdefault(_variant(r), []).append(r)
         elif r["bench"] == "e2e_load":
             loads[_variant(r)] = r
+        elif r["bench"] == "e2e_serve":
+            serves.setdefault(_variant(r), []).append(r)
     fits = {}
     for v, rs in sweeps.items():
         try:
@@ -212,7 +244,7 @@ def analyze(records: list[dict]) -> list[dict]:
         except ValueError:
             continue
     out = []
-    for v in sorted(set(fits) | set(loads)):
+    for v in sorted(set(fits) | set(loads) | set(serves)):
         model, backend, kv, skip = v
         ref_key = (model, "FLASH_ATTN", "bf16", ())
         rec = dict(bench="e2e_fit", model=model, backend=backend, impl=IMPL_NAMES.get(backend, backend),
@@ -234,6 +266,14 @@ def analyze(records: list[dict]) -> list[dict]:
             rec["load_output_tok_per_s"] = loads[v]["output_tok_per_s"]
             if ref_key in loads:
                 rec["load_vs_fa3_bf16"] = loads[v]["output_tok_per_s"] / loads[ref_key]["output_tok_per_s"]
+        if v in serves:
+            rec["serve_rps_at_budget"] = {str(c): throughput_at_budget(serves[v], c) for c in cutoffs_ms}
+            if ref_key in serves:
+                ratios = {}
+                for c in cutoffs_ms:
+                    mine, ref_rps = rec["serve_rps_at_budget"][str(c)], throughput_at_budget(serves[ref_key], c)
+                    ratios[str(c)] = mine / ref_rps if mine is not None and ref_rps else None
+                rec["serve_rps_vs_fa3_bf16"] = ratios
         out.append(rec)
     return out
 
@@ -267,6 +307,20 @@ def markdown(fits: list[dict], envs: list[dict], sources: list[str]) -> str:
                 f"{_fmt(f.get('break_even_vs_fa3_bf16_tokens'), '.0f', 'never')} | "
                 f"{_fmt(f.get('load_output_tok_per_s'), '.0f')} | {_fmt(f.get('load_vs_fa3_bf16'))} |")
         lines += ["", f"![ITL]({model}_itl.png) ![TTFT]({model}_ttft.png)", ""]
+        served = [f for f in fits if f["model"] == model and f.get("serve_rps_at_budget")]
+        if served:
+            cuts = list(served[0]["serve_rps_at_budget"])
+            lines += ["Serving at a latency budget (`vllm bench serve`): requests/s with median end-to-end "
+                      "latency under each cutoff (x FA3 BF16).", "",
+                      "| backend | KV | skip | " + " | ".join(f"<= {float(c) / 1e3:g} s" for c in cuts) + " |",
+                      "|---|---|---|" + "---|" * len(cuts)]
+            for f in served:
+                ratio = f.get("serve_rps_vs_fa3_bf16", {})
+                cells = [f"{_fmt(f['serve_rps_at_budget'][c], '.2f', 'over budget')}"
+                         + (f" ({_fmt(ratio.get(c))})" if ratio.get(c) is not None else "") for c in cuts]
+                lines.append(f"| {f['backend']} | {f['kv_dtype']} | {','.join(f['skip_layers']) or '-'} | "
+                             + " | ".join(cells) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -306,14 +360,14 @@ def plots(records: list[dict], fits: list[dict], out_dir: Path) -> list[Path]:
     return written
 
 
-def report(result_dir: Path, out: Path) -> Path:
+def report(result_dir: Path, out: Path, cutoffs_ms=None) -> Path:
     files = sorted(Path(result_dir).glob("*.json"))
     records, envs = [], []
     for f in files:
         d = json.loads(f.read_text())
         records += d.get("records", [])
         envs.append(d.get("env", {}))
-    fits = analyze(records)
+    fits = analyze(records, cutoffs_ms)
     out.parent.mkdir(parents=True, exist_ok=True)
     merged = out.with_suffix(".json")
     merged.write_text(json.dumps({"env": envs, "records": records + fits}, indent=1))
@@ -331,7 +385,7 @@ def main(argv=None) -> None:
     r.add_argument("--backend", choices=BACKENDS, required=True)
     r.add_argument("--kv", choices=["fp8", "auto"], required=True, help="auto = the model dtype (BF16)")
     r.add_argument("--skip-layers", nargs="*", default=[], help="vLLM's --kv-cache-dtype-skip-layers")
-    r.add_argument("--kinds", nargs="+", choices=["sweep", "load"], default=["sweep", "load"])
+    r.add_argument("--kinds", nargs="+", choices=["sweep", "load", "serve"], default=["sweep", "load"])
     r.add_argument("--input-lens", type=int, nargs="+", default=list(SWEEP_INPUT_LENS))
     r.add_argument("--output-len", type=int, default=128)
     r.add_argument("--reps", type=int, default=3)
@@ -340,18 +394,32 @@ def main(argv=None) -> None:
     r.add_argument("--load-output", type=int, default=1024)
     r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     r.add_argument("--out-dir", type=Path, default=RESULT_DIR)
+    r.add_argument("--serve-tokenizer", help="serve: tokenizer folder for vllm serve / vllm bench serve")
+    r.add_argument("--serve-rates", type=float, nargs="+", default=None, help="serve: request rates (req/s)")
+    r.add_argument("--serve-input", type=int, default=2048, help="serve: input tokens per request")
+    r.add_argument("--serve-output", type=int, default=256, help="serve: output tokens per request")
+    r.add_argument("--serve-seconds", type=float, default=30.0, help="serve: seconds of arrivals per rate")
+    r.add_argument("--serve-port", type=int, default=8765)
     p = sub.add_parser("report", help="merge a result directory into a markdown report with fits and plots")
     p.add_argument("--dir", type=Path, default=RESULT_DIR)
     p.add_argument("--out", type=Path, default=Path("docs/e2e_report.md"))
+    p.add_argument("--serve-cutoffs-ms", type=float, nargs="+", default=None,
+                   help="median end-to-end latency budgets for the serve table (default 3000 5000 10000)")
     a = ap.parse_args(argv)
     if a.cmd == "report":
-        print(f"wrote {report(a.dir, a.out)}")
+        print(f"wrote {report(a.dir, a.out, a.serve_cutoffs_ms)}")
         return
     if a.output_len < 2:
         ap.error("--output-len must be >= 2 (ITL needs two tokens)")
     from vllm_fireattn.bench.env import command_line
 
     cmd = command_line("python -m vllm_fireattn.bench e2e run", a)
+    if "serve" in a.kinds and not a.serve_tokenizer:
+        ap.error("--kinds serve needs --serve-tokenizer")
+    serve = dict(tokenizer=a.serve_tokenizer, input_len=a.serve_input, output_len=a.serve_output,
+                 seconds=a.serve_seconds, port=a.serve_port)
+    if a.serve_rates:
+        serve["rates"] = a.serve_rates
     path = run(a.model, a.backend, a.kv, a.skip_layers, a.out_dir, a.kinds, a.input_lens, a.output_len, a.reps,
-               a.load_requests, a.load_input, a.load_output, a.gpu_memory_utilization, cmd)
+               a.load_requests, a.load_input, a.load_output, a.gpu_memory_utilization, cmd, serve)
     print(f"wrote {path}")
