@@ -137,6 +137,9 @@ def test_serve_commands_use_vllm_serve_and_its_load_generator(tmp_path):
     assert cli[cli.index("bench") + 1] == "serve" and cli[cli.index("--request-rate") + 1] == "4.0"
     assert "e2el" in cli[cli.index("--percentile-metrics") + 1]
     assert sb.num_prompts_for(0.5, 30) == 20 and sb.num_prompts_for(8, 30) == 240
+    sb.check_tokenizer_fits(49152, 128256, "llama31-8b")
+    with pytest.raises(SystemExit, match="more than llama-hd64's vocabulary of 32000"):
+        sb.check_tokenizer_fits(49152, 32000, "llama-hd64")
 
 
 def test_report_has_the_latency_budget_table(tmp_path):

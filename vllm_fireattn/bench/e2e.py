@@ -157,6 +157,10 @@ def _run_serve(model, backend, kv, skip_layers, out_dir, path, data, base, gpu_m
 
     if not serve.get("tokenizer"):
         raise SystemExit("--kinds serve needs --serve-tokenizer (a tokenizer folder whose ids fit the model)")
+    from transformers import AutoTokenizer
+
+    vocab = json.loads((CONFIGS / model / "config.json").read_text()).get("vocab_size", 32000)
+    serve_budget.check_tokenizer_fits(len(AutoTokenizer.from_pretrained(serve["tokenizer"])), vocab, model)
     rates_done = {r["request_rate"] for r in data["records"] if r["bench"] == "e2e_serve"}
     rates = [r for r in serve.get("rates", serve_budget.DEFAULT_RATES) if r not in rates_done]
     if not rates:

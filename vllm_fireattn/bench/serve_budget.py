@@ -54,6 +54,13 @@ def client_command(model_dir: Path, tokenizer: str, port: int, rate: float, inpu
                           "--save-result", "--result-dir", str(result_dir), "--result-filename", result_name]
 
 
+def check_tokenizer_fits(tokenizer_size: int, vocab_size: int, model: str) -> None:
+    """Random prompts use every id of the tokenizer; ids past the model's vocabulary would fail."""
+    if tokenizer_size > vocab_size:
+        raise SystemExit(f"--serve-tokenizer has {tokenizer_size} tokens, more than {model}'s vocabulary of "
+                         f"{vocab_size}; use a tokenizer with at most {vocab_size} tokens")
+
+
 def num_prompts_for(rate: float, seconds: float, minimum: int = 20) -> int:
     """Enough requests for `seconds` of Poisson arrivals at `rate`, and at least `minimum`."""
     return max(minimum, int(round(rate * seconds)))
