@@ -163,3 +163,19 @@ def test_reference_prefill_handles_empty_and_padded_rows():
     with pytest.raises(ValueError, match="precision"):
         ref.prefill(out, q, cache, bt, cu, sl, one, one, one, 0.2, 1, precision="fp4")
 
+
+
+def test_p_scale_keeps_small_weights_out_of_e4m3_subnormals():
+    """The FP8 prefill rounds P as sat_rne(p * 256) / 256. One key 7 nats above 2047 others gives
+    those p = e^-7 = 9e-4, under half of e4m3's smallest subnormal step (2^-9): unscaled they
+    flush to zero and lose two thirds of the softmax mass; scaled they are ordinary e4m3 values."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.zeros(1, 1, 16, dtype=torch.float64)
+    q[0, 0, 0] = 7.0
+    k = torch.zeros(2048, 1, 16, dtype=torch.float64)
+    k[0, 0, 0] = 1.0
+    v = torch.randn(2048, 1, 16, generator=g, dtype=torch.float64) + 1.0  # the flushed mass has a mean
+    exact, _ = attend(q, k, v, 1.0, False)
+    err = {sc: (attend(q, k, v, 1.0, False, p_fp8=True, p_scale=sc)[0] - exact).norm().item() / exact.norm().item()
+           for sc in (1.0, 256.0)}
+    assert err[1.0] > 0.5 and err[256.0] < 0.05, err
