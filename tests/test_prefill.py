@@ -211,6 +211,10 @@ def test_prefill_rejects_bad_input_clearly():
     out = torch.empty_like(batch.query)
     with pytest.raises(RuntimeError, match="promote_every must be in"):
         ops.prefill(out, *batch.args(), 0.1, 4, True, -1, 0.0, None, None, -1)
+    if 256 in ops.compiled_head_dims():
+        b256 = make_paged_batch([4], [4], 8, 2, 256)
+        with pytest.raises(RuntimeError, match="head_dim 256 promotes every tile or never"):
+            ops.prefill(torch.empty_like(b256.query), *b256.args(), 0.1, 4, True, -1, 0.0, None, None, 2)
     with pytest.raises(RuntimeError, match="num_q_heads 7 is not a multiple"):
         q = torch.randn(4, 7, 128, device="cuda", dtype=torch.bfloat16)
         ops.prefill(torch.empty_like(q), q, *batch.args()[1:], 0.1, 4, True, -1, 0.0, None, None)
