@@ -159,6 +159,20 @@ def _fa3_fp8_prefill(batch, softmax_scale):
                                   fa_version=3, out=torch.empty_like(batch.query))
 
 
+def test_prefill_fp8_ignores_nan_blocks_before_the_window():
+    """vLLM may replace the blocks before a sliding window; the FP8 kernel's first key tile starts
+    up to 127 keys before the window, so those keys must never reach PV (0 * NaN is NaN)."""
+    _head_dim_compiled(128)
+    batch = make_paged_batch([64], [1000], 8, 2, 128, fp8=True, seed=5)
+    kw = dict(softmax_scale=128**-0.5, window_left=100)  # visible keys start at 936 - 100 = 836
+    r32, rlp, _ = reference_outputs(batch, lowp="fp8_mma", emulation=dict(block_n=128, promote_every=1), **kw)
+    for blk in range(768 // 16, 832 // 16):  # whole blocks inside the first tile [768, 896), all before 836
+        batch.kv_cache[batch.block_table[0, blk].long()] = 0x7F  # e4m3 NaN
+    out, _ = _run(batch, **kw)
+    assert torch.isfinite(out[:64]).all()
+    assert_attention_close(out, r32, rlp, 64, lowp_exact=False)
+
+
 def test_prefill_fp16():
     _head_dim_compiled(128)
     batch = make_paged_batch([9, 33], [40, 33], 8, 4, 128, dtype=torch.float16, fp8=True)

@@ -307,7 +307,11 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
         const int c = tid + i * Cfg::kProducerThreads;
         const int key = c / kParts, part = c % kParts;
         const int token = k0 + key;
-        const bool valid = token < kv_end;  // zero-fill past the end: V garbage must not reach PV
+        // Zero-fill outside [kv_begin, kv_end): those keys are masked for every row, but their V
+        // would still meet P = 0 in the MMA, and 0 * NaN garbage is NaN. Past the end the cache
+        // holds whatever the allocator left; before a sliding window vLLM may have replaced the
+        // blocks (the tile starts up to kBlockN - 1 keys early).
+        const bool valid = token >= kv_begin && token < kv_end;
         const uint8_t* src = p.kv.base;
         if (valid) {
           const int blk = block_shift >= 0 ? token >> block_shift : token / bs;
