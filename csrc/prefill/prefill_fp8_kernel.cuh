@@ -10,12 +10,12 @@
 //        tensor-core accumulator keeps ~13 mantissa bits and long contexts would drift.
 //   out = O * v_scale / (256 * l)
 //
-// Work split: one CTA (2 warpgroups, 128 rows) per (row tile, sequence, kv head). A row is a
+// Work split: one CTA (3 warpgroups, 128 rows) per (row tile, sequence, kv head). A row is a
 // (query token, query head of this kv head's group) pair, so a GQA group shares every K/V
-// byte. Each warpgroup owns 64 rows. All 8 warps load: K by cp.async into a swizzled
-// K-major tile; V by cp.async into a staging tile, then transposed in registers into the
-// K-major V^T tile FP8 wgmma needs (FP8 wgmma has no transposed-B mode). The transpose of
-// tile t+1 runs while the PV wgmma of tile t is in flight.
+// byte. Warpgroup 0 is the producer: K by cp.async into a swizzled K-major tile; V by cp.async
+// into a staging tile, then transposed in registers into the K-major V^T tile FP8 wgmma needs
+// (FP8 wgmma has no transposed-B mode), a 3-stage mbarrier ring ahead of the consumers.
+// Warpgroups 1 and 2 each own 64 rows: QK^T, online softmax, PV, promotion, epilogue.
 //
 // P goes to the PV wgmma straight from the QK accumulator registers: the FP8 A-fragment wants
 // four consecutive k per register where the accumulator holds pairs, so instead of shuffling
