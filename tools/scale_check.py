@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from vllm_fireattn.calibrate import _through_e4m3
+from vllm_fireattn.calibrate import through_e4m3
 from vllm_fireattn.calibration import load
 
 
@@ -43,8 +43,8 @@ def main() -> None:
         seen[2, i] = torch.maximum(seen[2, i], q.abs().amax(dim=(0, 2, 3)).view(hkv, -1).amax(-1))
         if state["scales"] is not None:
             ks, vs, qs = (s[i] for s in state["scales"])
-            k, v = _through_e4m3(k, ks), _through_e4m3(v, vs)
-            q = _through_e4m3(q, qs.repeat_interleave(q.shape[1] // hkv))
+            k, v = through_e4m3(k, ks), through_e4m3(v, vs)
+            q = through_e4m3(q, qs.repeat_interleave(q.shape[1] // hkv))
         return sdpa_attention_forward(module, q, k, v, mask, **kw)
 
     AttentionInterface.register("fireattn_scale_check", attention)

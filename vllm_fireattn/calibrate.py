@@ -24,6 +24,7 @@ import torch
 
 from vllm_fireattn import __version__
 from vllm_fireattn.calibration import save, scales_from_absmax
+from vllm_fireattn.reference.quant import dequantize_fp8, quantize_fp8
 
 ATTENTION_NAME = "fireattn_calibration"
 
@@ -59,8 +60,8 @@ def _register_attention(stats: _Stats) -> None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         i = module.layer_idx
-        kq = _through_e4m3(key, stats.scales[0][i].to(key.device))
-        vq = _through_e4m3(value, stats.scales[1][i].to(value.device))
+        kq = through_e4m3(key, stats.scales[0][i].to(key.device))
+        vq = through_e4m3(value, stats.scales[1][i].to(value.device))
         out8, _ = sdpa_attention_forward(module, query, kq, vq, attention_mask, **kwargs)
         stats.err_sq[i] += (out8.double() - out.double()).pow(2).sum().item()
         stats.ref_sq[i] += out.double().pow(2).sum().item()
@@ -69,10 +70,11 @@ def _register_attention(stats: _Stats) -> None:
     AttentionInterface.register(ATTENTION_NAME, recording_attention)
 
 
-def _through_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [B, Hkv, T, D] -> sat_rne(x / scale[h]) in e4m3, times scale: what an FP8 cache returns."""
-    s = scale.float()[None, :, None, None]
-    return ((x.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
+def through_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] -> what an FP8 cache with per-head `scale` [H] returns for it (the reference
+    quantizer, which works on [..., H, D])."""
+    xt = x.transpose(1, 2)
+    return dequantize_fp8(quantize_fp8(xt, scale), scale, torch.float32).to(x.dtype).transpose(1, 2)
 
 
 def _windows(tokenizer, files: list[str], seq_len: int, max_tokens: int) -> list[torch.Tensor]:
