@@ -159,3 +159,18 @@ def test_report_has_the_latency_budget_table(tmp_path):
 def test_cli_serve_needs_a_tokenizer():
     with pytest.raises(SystemExit):
         e2e.main(["run", "--model", "llama31-8b", "--backend", "FIREATTN", "--kv", "fp8", "--kinds", "serve"])
+
+
+def test_wait_ready_fails_fast_when_the_server_exits_and_stop_ends_it():
+    import subprocess
+    import sys
+
+    from vllm_fireattn.bench.serve_budget import stop_server, wait_ready
+
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait()
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        wait_ready(1, dead, timeout_s=30)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stop_server(sleeper, timeout_s=10)
+    assert sleeper.poll() is not None

@@ -16,11 +16,12 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from vllm_fireattn.bench.serve_budget import stop_server, wait_ready
 
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm_gpu]
 
@@ -204,16 +205,7 @@ def test_vllm_serve_fp8_answers_completion():
     log = open(os.environ.get("FIREATTN_SERVE_LOG", "/tmp/fireattn-serve.log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 480
-        while time.time() < deadline:
-            assert proc.poll() is None, "vllm serve exited early; see its log"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(2)
-        else:
-            pytest.fail("vllm serve did not become healthy in 8 minutes")
+        wait_ready(port, proc, timeout_s=480)  # raises if the server exits or stays unhealthy
         body = json.dumps({"model": model, "prompt": "The capital of France is", "max_tokens": 12,
                            "temperature": 0}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
@@ -223,9 +215,5 @@ def test_vllm_serve_fp8_answers_completion():
         print("vllm serve completion:", repr(text))
         assert re.search(r"\bParis\b", text), text
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc, timeout_s=30)
         log.close()

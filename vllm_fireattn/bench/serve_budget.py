@@ -110,6 +110,15 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 900.0) -> N
     raise TimeoutError(f"vllm serve did not become ready on port {port} within {timeout_s:.0f} s")
 
 
+def stop_server(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGTERM, then SIGKILL if the server has not exited within timeout_s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def measure(model_dir: Path, tokenizer: str, backend: str, kv: str, skip_layers: list[str], rates: list[float],
             input_len: int, output_len: int, seconds: float, port: int, gpu_memory_utilization: float,
             log_dir: Path, on_record) -> None:
@@ -137,9 +146,5 @@ def measure(model_dir: Path, tokenizer: str, backend: str, kv: str, skip_layers:
                 on_record(dict(record_from_result(result, rate), input_len=input_len, output_len=output_len,
                                num_prompts=n))
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
         server_log.close()
