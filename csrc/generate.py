@@ -31,12 +31,14 @@ def generate(out_dir: Path) -> list[Path]:
     head_dims = _parse("FIREATTN_HEAD_DIMS", ALL_HEAD_DIMS, int)
     dtypes = _parse("FIREATTN_DTYPES", tuple(ALL_DTYPES), str)
     out_dir.mkdir(parents=True, exist_ok=True)
-    configs, files = [], []
+    configs, fp8_configs, files = [], [], []
     for dt in dtypes:
         for kind, fp8 in CACHE_KINDS.items():
             for d in head_dims:
                 cfg = f"{ALL_DTYPES[dt]}, {fp8}, {d}"
                 configs.append(cfg)
+                if kind == "fp8":
+                    fp8_configs.append(cfg)
                 for name, header, inst in (
                     ("simple_attention", "attention/simple_attention.cuh",
                      f"launch_simple_attention<{cfg}>(const AttentionParams&, int, cudaStream_t)"),
@@ -63,7 +65,7 @@ def generate(out_dir: Path) -> list[Path]:
         f"#define FIREATTN_HEAD_DIMS {dims}\n"
         f'#define FIREATTN_HEAD_DIMS_STR "{dims}"\n'
         "#define FIREATTN_ATTENTION_CONFIGS(X) " + " ".join(f"X({c})" for c in configs) + "\n"
-        "#define FIREATTN_FP8_CONFIGS(X) " + " ".join(f"X({c})" for c in configs if ", true, " in c) + "\n",
+        "#define FIREATTN_FP8_CONFIGS(X) " + " ".join(f"X({c})" for c in fp8_configs) + "\n",
     )
     _write_if_changed(out_dir / "wgmma_fp8.h", _wgmma_header())
     for stale in out_dir.glob("*.cu"):

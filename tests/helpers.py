@@ -112,8 +112,9 @@ def reference_outputs(batch: PagedBatch, op=ref.prefill, lowp: str = "kernel", e
     for precision in ("exact", lowp):
         out = torch.zeros(shape, dtype=torch.float64, device=batch.query.device)
         lse = torch.full((shape[1], shape[0]), float("-inf"), dtype=torch.float64, device=batch.query.device)
-        extra = (emulation or {}) if precision == "fp8_mma" else {}
-        op(out, *batch.args(), max_query_len=batch.max_query_len, lse=lse, precision=precision, **kw, **extra)
+        # The reference applies the emulation kwargs only under precision="fp8_mma".
+        op(out, *batch.args(), max_query_len=batch.max_query_len, lse=lse, precision=precision, **kw,
+           **(emulation or {}))
         outs[precision] = (out, lse)
     return outs["exact"][0], outs[lowp][0], outs[lowp][1]
 
