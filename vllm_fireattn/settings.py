@@ -14,11 +14,11 @@ environment variables (vLLM's `--kv-cache-dtype` values are closed, so FP8 itsel
 
 scales: "checkpoint" uses what vLLM loaded (per-tensor or compressed-tensors attn_head scales,
 1.0 when the checkpoint has none); "calibration" uses the per-layer, per-KV-head scales of
-`calibration_file` (absmax / 448 of post-RoPE K, V and Q); "one" forces 1.0, the documented
-uncalibrated worst case. promote_every: KV tiles between promotions of the FP8 prefill's
-tensor-core PV accumulator into its FP32 accumulator (two-level accumulation); 1 is the most
-accurate and, on an H200, also the fastest (benchmarks/results/h200/README.md); head_dim 256
-layers take 0 or 1. The additional-config value wins over the environment; every value is
+`calibration_file` (2 x absmax / 448 of post-RoPE K, V and Q; vllm_fireattn/calibration.py);
+"one" forces 1.0, the documented uncalibrated worst case. promote_every: KV tiles between
+promotions of the FP8 prefill's tensor-core PV accumulator into its FP32 accumulator (two-level
+accumulation); 1 is the most accurate and, on an H200, also the fastest
+(benchmarks/results/h200/README.md); head_dim 256 layers take 0 or 1. The additional-config value wins over the environment; every value is
 validated when the backend starts, and a bad one is an error that names it and the accepted ones.
 Imports nothing from vLLM.
 """
@@ -52,10 +52,11 @@ class FireAttnSettings:
     skip_error_max: float = 0.1
     promote_every: int = 1
 
-    def check_head_dim(self, head_dim: int, origin: str = "promote_every") -> None:
+    def check_head_dim(self, head_dim: int) -> None:
         """head_dim 256 promotes per 64-column slice: every tile or never."""
         if head_dim == 256 and self.promote_every > 1:
-            raise FireAttnConfigError(f"{origin}={self.promote_every}: head_dim 256 layers accept 0 (never) or 1")
+            raise FireAttnConfigError(f"promote_every={self.promote_every}: head_dim 256 layers accept 0 (never) "
+                                      "or 1")
 
     def describe(self) -> str:
         d = asdict(self)

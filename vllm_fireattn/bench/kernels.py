@@ -94,9 +94,9 @@ def run(bench: str, quick: bool = False) -> list[dict]:
             for impl, kv in impls:
                 if impl == "fa3":
                     fn = _fa3(s, q_len, seqlen, causal, kv == "fp8", d)
-                else:
-                    never = impl == "fireattn-never"
-                    fn = _ours(s, op, q_len, causal, kv == "fp8", d, (0 if never else 1) if bench == "prefill" else None)
+                else:  # prefill rows name their promotion interval; decode has none
+                    promote = (0 if impl == "fireattn-never" else 1) if bench == "prefill" else None
+                    fn = _ours(s, op, q_len, causal, kv == "fp8", d, promote)
                 ms = _bench(fn)
                 rec = dict(base, impl=impl, kv_dtype=kv, ms=ms)
                 if bench == "prefill":
