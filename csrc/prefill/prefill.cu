@@ -1,6 +1,6 @@
 // fireattn::prefill: varlen paged attention for prefill and chunked-prefill rows (any query
-// length, cached context before the new tokens, bottom-right causal). FP8 caches run the Hopper
-// FP8 kernel (prefill_fp8_kernel.cuh); BF16/FP16 caches still run the simple CUDA-core kernel.
+// length, cached context before the new tokens, bottom-right causal) on the Hopper tensor-core
+// kernel of prefill_fp8_kernel.cuh: FP8 MMAs for FP8 caches, 16-bit MMAs for BF16/FP16 caches.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -12,8 +12,8 @@
 namespace fireattn {
 
 #define FIREATTN_DECLARE_PREFILL(QT, FP8, D) \
-  extern template void launch_prefill_fp8<QT, D>(const AttentionParams&, int, int, cudaStream_t);
-FIREATTN_FP8_CONFIGS(FIREATTN_DECLARE_PREFILL)
+  extern template void launch_prefill_fp8<QT, FP8, D>(const AttentionParams&, int, int, cudaStream_t);
+FIREATTN_ATTENTION_CONFIGS(FIREATTN_DECLARE_PREFILL)
 #undef FIREATTN_DECLARE_PREFILL
 
 void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_table,
@@ -21,11 +21,7 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
              const at::Tensor& k_scale, const at::Tensor& v_scale, double softmax_scale, int64_t max_query_len,
              bool causal, int64_t window_left, double softcap, const std::optional<at::Tensor>& sinks,
              const std::optional<at::Tensor>& lse, int64_t promote_every) {
-  if (!is_fp8_cache(kv_cache)) {
-    paged_attention("prefill", out, query, kv_cache, block_table, cu_seqlens_q, seq_lens, q_scale, k_scale, v_scale,
-                    softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse);
-    return;
-  }
+  const bool fp8 = is_fp8_cache(kv_cache);
   const AttentionParams p = make_attention_params("prefill", out, query, kv_cache, block_table, cu_seqlens_q,
                                                   seq_lens, q_scale, k_scale, v_scale, softmax_scale, max_query_len,
                                                   causal, window_left, softcap, sinks, lse);
@@ -42,15 +38,15 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
   const at::cuda::OptionalCUDAGuard guard(query.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::ScalarType qt = query.scalar_type();
-#define FIREATTN_TRY_PREFILL(QT, FP8, D)                                                               \
-  if (qt == scalar_type_of<QT>() && head_dim == D) {                                                   \
-    launch_prefill_fp8<QT, D>(p, static_cast<int>(max_query_len), static_cast<int>(promote_every), stream); \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                    \
-    return;                                                                                            \
+#define FIREATTN_TRY_PREFILL(QT, FP8, D)                                                                    \
+  if (qt == scalar_type_of<QT>() && fp8 == FP8 && head_dim == D) {                                          \
+    launch_prefill_fp8<QT, FP8, D>(p, static_cast<int>(max_query_len), static_cast<int>(promote_every), stream); \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                         \
+    return;                                                                                                 \
   }
-  FIREATTN_FP8_CONFIGS(FIREATTN_TRY_PREFILL)
+  FIREATTN_ATTENTION_CONFIGS(FIREATTN_TRY_PREFILL)
 #undef FIREATTN_TRY_PREFILL
-  fail_no_kernel("prefill", head_dim, qt, true);
+  fail_no_kernel("prefill", head_dim, qt, fp8);
 }
 
 }  // namespace fireattn

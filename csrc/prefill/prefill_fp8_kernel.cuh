@@ -26,6 +26,8 @@
 #include <math_constants.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "common/attention_params.h"
 #include "common/fp8.cuh"
 #include "common/row_tile.cuh"
@@ -33,7 +35,8 @@
 
 namespace fireattn {
 
-template <int D>
+// kElem: cache bytes per element (1: FP8 e4m3 with FP8 MMAs; 2: a BF16/FP16 cache with 16-bit MMAs).
+template <int D, int kElem = 1>
 struct PrefillFp8Config {
   // Warpgroup 0 loads (cp.async K and V, V transpose); warpgroups 1 and 2 compute 64 rows each.
   static constexpr int kThreads = 384;
@@ -45,14 +48,17 @@ struct PrefillFp8Config {
   static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 168 * 384, "register split exceeds the launch pool");
   // head_dim 256 takes 64-key tiles and 64-wide PV slices so that the 128-register output
   // accumulator, its promotion slice, S and P fit in a consumer's registers.
-  static constexpr int kBlockN = D == 256 ? 64 : 128;
+  // 16-bit caches halve the keys per tile again so that the 3-stage ring fits shared memory.
+  static constexpr int kBlockN = (D == 256 ? 64 : 128) / (kElem == 2 && D >= 128 ? 2 : 1);
   static constexpr int kPvN = D == 256 ? 64 : D;  // output columns per PV wgmma
   static constexpr int kPvSlices = D / kPvN;
   static constexpr int kStages = 3;       // K / V ring depth
-  static constexpr int kQBytes = kBlockM * D;
-  static constexpr int kKBytes = kBlockN * D;
-  static constexpr int kVStageBytes = kBlockN * D;
-  static constexpr int kVtBytes = D * kBlockN;
+  static constexpr int kRowBytes = D * kElem;
+  static constexpr int kKeysPerStep = 32 / kElem;  // keys of one PV k-step (32 bytes of V^T)
+  static constexpr int kQBytes = kBlockM * kRowBytes;
+  static constexpr int kKBytes = kBlockN * kRowBytes;
+  static constexpr int kVStageBytes = kBlockN * kRowBytes;
+  static constexpr int kVtBytes = D * kBlockN * kElem;
   static constexpr int kStageBytes = kKBytes + kVStageBytes + kVtBytes;
   static constexpr int kBarrierBytes = 3 * kStages * 8;
   static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + kBarrierBytes;
@@ -62,8 +68,8 @@ struct PrefillFp8Config {
   // that the 8 rows one transpose phase reads ({2u, 2u+16} + delta, u < 4) hit 8 distinct bank
   // groups (4 for head_dim 64, whose rows have only 4 chunks).
   __device__ __forceinline__ static int v_staging_offset(int row, int chunk) {
-    const int sw = D >= 128 ? ((row >> 1) & 3) | ((row >> 2) & 4) : (row >> 1) & 3;
-    return row * D + ((chunk ^ sw) << 4);
+    const int sw = kRowBytes >= 128 ? ((row >> 1) & 3) | ((row >> 2) & 4) : (row >> 1) & 3;
+    return row * kRowBytes + ((chunk ^ sw) << 4);
   }
 };
 
@@ -233,19 +239,26 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], 
 // kEveryTile: promote_every == 1, the default. Other intervals keep a second accumulator alive
 // across tiles, which costs head_dim / 2 registers (and spills at head_dim 128), so they get
 // their own instantiation. head_dim 256 promotes per 64-column slice and takes 0 or 1 at runtime.
-template <typename QT, int D, bool kEveryTile>
+template <typename QT, bool kFp8, int N>
+using WgmmaFor = std::conditional_t<kFp8, WgmmaFp8<N>,
+                                    std::conditional_t<std::is_same_v<QT, __nv_bfloat16>, WgmmaBf16<N>, WgmmaF16<N>>>;
+
+template <typename QT, bool kFp8, int D, bool kEveryTile>
 __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionParams p, const int promote_every) {
-  using Cfg = PrefillFp8Config<D>;
+  constexpr int kElem = kFp8 ? 1 : 2;
+  using Cfg = PrefillFp8Config<D, kElem>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int kPvN = Cfg::kPvN, kPvSlices = Cfg::kPvSlices;
-  using QTile = KMajorTile<kBlockM, D>;
-  using KTile = KMajorTile<kBlockN, D>;
-  using VtTile = KMajorTile<D, kBlockN>;
-  using QK = WgmmaFp8<kBlockN>;
-  using PV = WgmmaFp8<kPvN>;
-  constexpr int kSRegs = QK::kRegs;      // S accumulator: kBlockN / 2 floats per thread
-  constexpr int kPvRegs = PV::kRegs;     // one PV slice
-  constexpr int kPSteps = kBlockN / 32;  // PV k-steps; 4 A registers each
+  constexpr int kRowBytes = Cfg::kRowBytes;
+  using QTile = KMajorTile<kBlockM, kRowBytes>;
+  using KTile = KMajorTile<kBlockN, kRowBytes>;
+  using VtTile = KMajorTile<D, kBlockN * kElem>;
+  using QK = WgmmaFor<QT, kFp8, kBlockN>;
+  using PV = WgmmaFor<QT, kFp8, kPvN>;
+  constexpr int kSRegs = QK::kRegs;                      // S accumulator: kBlockN / 2 floats per thread
+  constexpr int kPvRegs = PV::kRegs;                     // one PV slice
+  constexpr int kPSteps = kBlockN / Cfg::kKeysPerStep;   // PV k-steps; 4 A registers each
+  constexpr int kQkSteps = kRowBytes / 32;               // QK^T k-steps (32 bytes of a row each)
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -287,7 +300,7 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
     // ======== Producer warpgroup: cp.async K and V into stage t % kStages, then V -> V^T.
     setmaxnreg_dec<Cfg::kProducerRegs>();
     const int tid = threadIdx.x;
-    constexpr int kParts = D / 16;
+    constexpr int kParts = kRowBytes / 16;
     constexpr int kLoadIters = kBlockN * kParts / Cfg::kProducerThreads;
     static_assert(kBlockN * kParts % Cfg::kProducerThreads == 0, "whole load iterations");
     const int bs = p.kv.block_size;
@@ -323,33 +336,54 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
     // V staging [key][D] -> V^T tile [D][kBlockN] (K-major, keys permuted per 32-key step):
     // word w of a V^T row holds k-positions 4w..4w+3, which in the P fragment are the keys
     // {2u, 2u+1, 2u+8, 2u+9} (+16 for the upper half) of the step, u = (w % 8) % 4.
-    constexpr int kWords = kBlockN / 4;
-    constexpr int kVtTasks = kWords * (D / 16);  // a task: one V^T word column x 16 dims
+    constexpr int kWords = kBlockN * kElem / 4;  // 32-bit words per V^T row
     auto transpose = [&](int t) {
       const int st = t % kStages;
       mbar_wait(landed(st), (t / kStages) & 1);
       const uint8_t* src = v_staging(st);
       uint8_t* dst = vt_tile(st);
+      if constexpr (kFp8) {
+        // Word w of a V^T row holds k-positions 4w..4w+3, which in the P fragment are the keys
+        // {2u, 2u+1, 2u+8, 2u+9} (+16 for the upper half) of the step, u = (w % 8) % 4.
+        constexpr int kVtTasks = kWords * (D / 16);  // a task: one V^T word column x 16 dims
 #pragma unroll 1
-      for (int task = tid; task < kVtTasks; task += Cfg::kProducerThreads) {
-        const int w = task % kWords, dg = task / kWords;  // dims 16dg..16dg+15
-        const int step = w / 8, tt = w % 8, u = tt % 4;
-        const int kbase = step * 32 + (tt >= 4 ? 16 : 0) + 2 * u;
-        const uint4 r0 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase, dg));
-        const uint4 r1 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase + 1, dg));
-        const uint4 r2 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase + 8, dg));
-        const uint4 r3 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase + 9, dg));
-        const uint32_t x0[4] = {r0.x, r0.y, r0.z, r0.w}, x1[4] = {r1.x, r1.y, r1.z, r1.w};
-        const uint32_t x2[4] = {r2.x, r2.y, r2.z, r2.w}, x3[4] = {r3.x, r3.y, r3.z, r3.w};
+        for (int task = tid; task < kVtTasks; task += Cfg::kProducerThreads) {
+          const int w = task % kWords, dg = task / kWords;  // dims 16dg..16dg+15
+          const int step = w / 8, tt = w % 8, u = tt % 4;
+          const int kbase = step * 32 + (tt >= 4 ? 16 : 0) + 2 * u;
+          const uint4 r0 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase, dg));
+          const uint4 r1 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase + 1, dg));
+          const uint4 r2 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase + 8, dg));
+          const uint4 r3 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase + 9, dg));
+          const uint32_t x0[4] = {r0.x, r0.y, r0.z, r0.w}, x1[4] = {r1.x, r1.y, r1.z, r1.w};
+          const uint32_t x2[4] = {r2.x, r2.y, r2.z, r2.w}, x3[4] = {r3.x, r3.y, r3.z, r3.w};
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {  // 4x4 byte transpose: dims 16dg + 4j .. +3 of the 4 keys
-          const uint32_t t0 = prmt(x0[j], x1[j], 0x5140), t1 = prmt(x0[j], x1[j], 0x7362);
-          const uint32_t t2 = prmt(x2[j], x3[j], 0x5140), t3 = prmt(x2[j], x3[j], 0x7362);
-          const int d = dg * 16 + 4 * j;
-          *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 0, 4 * w)) = prmt(t0, t2, 0x5410);
-          *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 1, 4 * w)) = prmt(t0, t2, 0x7632);
-          *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 2, 4 * w)) = prmt(t1, t3, 0x5410);
-          *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 3, 4 * w)) = prmt(t1, t3, 0x7632);
+          for (int j = 0; j < 4; ++j) {  // 4x4 byte transpose: dims 16dg + 4j .. +3 of the 4 keys
+            const uint32_t t0 = prmt(x0[j], x1[j], 0x5140), t1 = prmt(x0[j], x1[j], 0x7362);
+            const uint32_t t2 = prmt(x2[j], x3[j], 0x5140), t3 = prmt(x2[j], x3[j], 0x7362);
+            const int d = dg * 16 + 4 * j;
+            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 0, 4 * w)) = prmt(t0, t2, 0x5410);
+            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 1, 4 * w)) = prmt(t0, t2, 0x7632);
+            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 2, 4 * w)) = prmt(t1, t3, 0x5410);
+            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 3, 4 * w)) = prmt(t1, t3, 0x7632);
+          }
+        }
+      } else {
+        // 16-bit: word w of a V^T row holds keys 2w and 2w+1 (the natural order: the 16-bit A
+        // fragment takes the accumulator's pairs as they are). A task: 2 keys x 8 dims.
+        constexpr int kVtTasks = kWords * (D / 8);
+#pragma unroll 1
+        for (int task = tid; task < kVtTasks; task += Cfg::kProducerThreads) {
+          const int w = task % kWords, dg = task / kWords;  // dims 8dg..8dg+7
+          const uint4 r0 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(2 * w, dg));
+          const uint4 r1 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(2 * w + 1, dg));
+          const uint32_t x0[4] = {r0.x, r0.y, r0.z, r0.w}, x1[4] = {r1.x, r1.y, r1.z, r1.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {  // dims 8dg + 2j, +1
+            const int d = dg * 8 + 2 * j;
+            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 0, 4 * w)) = prmt(x0[j], x1[j], 0x5410);
+            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 1, 4 * w)) = prmt(x0[j], x1[j], 0x7632);
+          }
         }
       }
       fence_proxy_async();  // K (cp.async) and V^T (st.shared) -> visible to wgmma
@@ -369,9 +403,9 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
   const int wg = warp / 4 - 1;
   const int ctid = threadIdx.x - Cfg::kProducerThreads - wg * 128;  // 0..127 inside the warpgroup
 
-  const float q_scale = p.q_scale[kv_head * p.q_scale_stride];
-  const float k_scale = p.k_scale[kv_head * p.k_scale_stride];
-  const float v_scale = p.v_scale[kv_head * p.v_scale_stride];
+  const float q_scale = kFp8 ? p.q_scale[kv_head * p.q_scale_stride] : 1.f;
+  const float k_scale = kFp8 ? p.k_scale[kv_head * p.k_scale_stride] : 1.f;
+  const float v_scale = kFp8 ? p.v_scale[kv_head * p.v_scale_stride] : 1.f;
   constexpr float kLog2e = 1.4426950408889634f;
   const float score_scale = p.softmax_scale * q_scale * k_scale;  // natural-log units
   const float scale_log2 = score_scale * kLog2e;
@@ -383,18 +417,30 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
     for (int i = ctid; i < 64 * kPieces; i += 128) {
       const int r = wg * 64 + i / kPieces, piece = i % kPieces;
       const int row = row0 + r;
-      uint32_t w[4] = {0u, 0u, 0u, 0u};
-      if (row < num_rows) {
-        const int tok = q_begin + row / group, head = kv_head * group + row % group;
-        const uint4* src = reinterpret_cast<const uint4*>(q + tok * p.q_tok_stride + head * p.q_head_stride + piece * 16);
-        uint4 raw[2] = {src[0], src[1]};
-        const QT* h = reinterpret_cast<const QT*>(raw);
+      if constexpr (kFp8) {
+        uint32_t w[4] = {0u, 0u, 0u, 0u};
+        if (row < num_rows) {
+          const int tok = q_begin + row / group, head = kv_head * group + row % group;
+          const uint4* src = reinterpret_cast<const uint4*>(q + tok * p.q_tok_stride + head * p.q_head_stride + piece * 16);
+          uint4 raw[2] = {src[0], src[1]};
+          const QT* h = reinterpret_cast<const QT*>(raw);
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-          w[j] = pack_e4m3x4(__fdiv_rn(to_float(h[4 * j]), q_scale), __fdiv_rn(to_float(h[4 * j + 1]), q_scale),
-                             __fdiv_rn(to_float(h[4 * j + 2]), q_scale), __fdiv_rn(to_float(h[4 * j + 3]), q_scale));
+          for (int j = 0; j < 4; ++j)
+            w[j] = pack_e4m3x4(__fdiv_rn(to_float(h[4 * j]), q_scale), __fdiv_rn(to_float(h[4 * j + 1]), q_scale),
+                               __fdiv_rn(to_float(h[4 * j + 2]), q_scale), __fdiv_rn(to_float(h[4 * j + 3]), q_scale));
+        }
+        *reinterpret_cast<uint4*>(q_s + QTile::offset(r, piece * 16)) = make_uint4(w[0], w[1], w[2], w[3]);
+      } else {  // 16-bit: the query as it is, 16 elements = 32 bytes
+        uint4 raw[2] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u)};
+        if (row < num_rows) {
+          const int tok = q_begin + row / group, head = kv_head * group + row % group;
+          const uint4* src = reinterpret_cast<const uint4*>(q + tok * p.q_tok_stride + head * p.q_head_stride + piece * 16);
+          raw[0] = src[0];
+          raw[1] = src[1];
+        }
+        *reinterpret_cast<uint4*>(q_s + QTile::offset(r, piece * 32)) = raw[0];
+        *reinterpret_cast<uint4*>(q_s + QTile::offset(r, piece * 32 + 16)) = raw[1];
       }
-      *reinterpret_cast<uint4*>(q_s + QTile::offset(r, piece * 16)) = make_uint4(w[0], w[1], w[2], w[3]);
     }
     fence_proxy_async();
     named_barrier(1 + wg, 128);
@@ -434,7 +480,7 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
       const uint32_t k_smem = smem_addr(k_tile(st));
       wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < D / 32; ++ks)
+      for (int ks = 0; ks < kQkSteps; ++ks)
         QK::ss(s, QTile::desc(q_smem, wg * 64, ks), KTile::desc(k_smem, 0, ks), ks > 0 ? 1 : 0);
       wgmma_commit();
       wgmma_wait<0>();
@@ -457,11 +503,19 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
     uint32_t pa[kPSteps][4];
 #pragma unroll
     for (int c = 0; c < kPSteps; ++c) {
-      const float* x = s + 16 * c;
-      pa[c][0] = pack_e4m3x4(x[0], x[1], x[4], x[5]);
-      pa[c][1] = pack_e4m3x4(x[2], x[3], x[6], x[7]);
-      pa[c][2] = pack_e4m3x4(x[8], x[9], x[12], x[13]);
-      pa[c][3] = pack_e4m3x4(x[10], x[11], x[14], x[15]);
+      if constexpr (kFp8) {
+        const float* x = s + 16 * c;
+        pa[c][0] = pack_e4m3x4(x[0], x[1], x[4], x[5]);
+        pa[c][1] = pack_e4m3x4(x[2], x[3], x[6], x[7]);
+        pa[c][2] = pack_e4m3x4(x[8], x[9], x[12], x[13]);
+        pa[c][3] = pack_e4m3x4(x[10], x[11], x[14], x[15]);
+      } else {  // 16-bit A fragment = the accumulator's two n8 chunks of this k16 step, as they are
+        const float* x = s + 8 * c;
+        pa[c][0] = pack2<QT>(x[0], x[1]);
+        pa[c][1] = pack2<QT>(x[2], x[3]);
+        pa[c][2] = pack2<QT>(x[4], x[5]);
+        pa[c][3] = pack2<QT>(x[6], x[7]);
+      }
     }
 
     const uint32_t vt_smem = smem_addr(vt_tile(st));
@@ -566,15 +620,15 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
   }
 }
 
-template <typename QT, int D>
+template <typename QT, bool kFp8, int D>
 void launch_prefill_fp8(const AttentionParams& p, int max_query_len, int promote_every, cudaStream_t stream) {
-  using Cfg = PrefillFp8Config<D>;
+  using Cfg = PrefillFp8Config<D, kFp8 ? 1 : 2>;
   const int group = p.num_q_heads / p.num_kv_heads;
   const int tiles = (max_query_len * group + Cfg::kBlockM - 1) / Cfg::kBlockM;
   if (tiles == 0 || p.num_seqs == 0) return;
-  auto kernel = prefill_fp8_kernel<QT, D, true>;
-  if constexpr (D != 256) {
-    if (promote_every != 1) kernel = prefill_fp8_kernel<QT, D, false>;
+  auto kernel = prefill_fp8_kernel<QT, kFp8, D, true>;
+  if constexpr (kFp8 && D != 256) {
+    if (promote_every != 1) kernel = prefill_fp8_kernel<QT, kFp8, D, false>;
   }
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   const dim3 grid(tiles, p.num_seqs, p.num_kv_heads);

@@ -46,6 +46,7 @@ def attend(
     sinks: torch.Tensor | None = None,
     *,
     p_fp8: bool = False,
+    p_dtype: torch.dtype | None = None,
     p_scale: float = 256.0,
     block_n: int = 128,
     mma_mantissa_bits: int | None = None,
@@ -73,10 +74,11 @@ def attend(
         visible &= j[None, :] >= pos[:, None] - window_left
     s = s.masked_fill(~visible, float("-inf"))
     sink_logit = None if sinks is None else sinks.to(s.dtype)[:, None].expand(hq, lq)
-    if not p_fp8 and mma_mantissa_bits is None:
+    p_round = FP8_DTYPE if p_fp8 else p_dtype
+    if p_round is None and mma_mantissa_bits is None:
         out, lse = _softmax_pv(s, v, sink_logit)
     else:
-        out, lse = _softmax_pv_tiled(s, v, sink_logit, p_fp8, p_scale, block_n, mma_mantissa_bits, promote_every)
+        out, lse = _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_bits, promote_every)
     return out.to(q.dtype), lse.to(q.dtype)
 
 
@@ -94,7 +96,7 @@ def _softmax_pv(s, v, sink_logit):
     return out, lse
 
 
-def _softmax_pv_tiled(s, v, sink_logit, p_fp8, p_scale, block_n, mma_mantissa_bits, promote_every):
+def _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_bits, promote_every):
     """Online softmax over key tiles, as an FP8 flash-attention kernel computes it."""
     hq, lq, lk = s.shape
     m = torch.full((hq, lq), float("-inf"), dtype=s.dtype, device=s.device)
@@ -110,8 +112,8 @@ def _softmax_pv_tiled(s, v, sink_logit, p_fp8, p_scale, block_n, mma_mantissa_bi
         alpha = torch.exp(m - m_use)
         p = torch.exp(st - m_use[..., None])
         l = l * alpha + p.sum(-1)
-        if p_fp8:
-            p = (p * p_scale).to(torch.float32).to(FP8_DTYPE).to(s.dtype) / p_scale
+        if p_round is not None:  # the MMA's P: e4m3 for FP8 caches, the model dtype for 16-bit ones
+            p = (p * p_scale).to(torch.float32).to(p_round).to(s.dtype) / p_scale
         acc = acc * alpha[..., None]
         part = part * alpha[..., None]
         vt = vh[:, t * block_n : (t + 1) * block_n]
@@ -169,6 +171,8 @@ def prefill(
     num_kv_heads = kv_cache.shape[2]
     if precision == "fp8_mma":
         emulation.setdefault("p_fp8", fp8)
+        if not fp8:  # 16-bit caches: the tensor-core prefill rounds P to the model dtype
+            emulation.setdefault("p_dtype", query.dtype)
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
     for b, seq_len in enumerate(lens):
