@@ -35,7 +35,7 @@ def _cuda_extensions():
     sources = [
         "csrc/bindings.cpp",
         "csrc/cache/cache_write.cu",
-        "csrc/attention/paged_attention.cu",
+        "csrc/common/attention_host.cu",
         "csrc/prefill/prefill.cu",
         "csrc/decode/decode.cu",
     ] + [str(p.relative_to(ROOT)) for p in generated]

@@ -3,7 +3,7 @@
 #include <torch/all.h>
 #include <torch/library.h>
 
-#include "attention/paged_attention.h"
+#include "common/attention_host.h"
 
 namespace fireattn {
 void cache_write(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,

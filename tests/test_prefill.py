@@ -33,8 +33,9 @@ def _fp8(batch) -> bool:
 
 def _check(batch, rows, softmax_scale=0.125, window_left=-1, softcap=0.0, sinks=None, promote_every=1,
            causal=True):
-    """FP8 caches run the FP8 tensor-core kernel: its own precision is the reference's "fp8_mma"
-    (P rounded to e4m3 in the kernel's key tiles); BF16/FP16 caches are exact but for Q."""
+    """Every cache dtype runs the warp-specialized tensor-core kernel; its own precision is the
+    reference's "fp8_mma": P rounded in the kernel's key tiles, to e4m3 for FP8 caches and to the
+    model dtype for BF16/FP16 caches (16-bit wgmma)."""
     out, lse = _run(batch, promote_every, causal, softmax_scale=softmax_scale, window_left=window_left,
                     softcap=softcap, sinks=sinks)
     fp8 = _fp8(batch)
@@ -175,11 +176,13 @@ def test_prefill_fp8_ignores_nan_blocks_before_the_window():
     assert_attention_close(out, r32, rlp, 64, lowp_exact=False)
 
 
-def test_prefill_fp16():
-    _head_dim_compiled(128)
-    batch = make_paged_batch([9, 33], [40, 33], 8, 4, 128, dtype=torch.float16, fp8=True)
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8-cache", "fp16-cache"])
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_prefill_fp16(fp8, head_dim):
+    _head_dim_compiled(head_dim)
+    batch = make_paged_batch([9, 33], [40, 33], 8, 4, head_dim, dtype=torch.float16, fp8=fp8)
     try:
-        _check(batch, 42, softmax_scale=128**-0.5)
+        _check(batch, 42, softmax_scale=head_dim**-0.5)
     except RuntimeError as e:
         if "no kernel compiled" in str(e):
             pytest.skip("fp16 not compiled in this build")

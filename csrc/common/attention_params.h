@@ -1,5 +1,5 @@
 // Arguments every paged attention kernel takes (prefill and decode), filled and checked once
-// by make_attention_params() in csrc/attention/paged_attention.cu.
+// by make_attention_params() in csrc/common/attention_host.cu.
 #pragma once
 #include <stdint.h>
 

@@ -42,6 +42,7 @@ struct DecodeParams {
   int row_tiles;    // ceil(group * max_query_len / 8)
   int group;        // query heads per KV head
   int block_shift;  // log2(block_size) when it is a power of two, else -1
+  int min_split_keys;  // a split covers at least this many keys (multiple of 16)
 };
 
 // Tuning knobs (overridable with -D for experiments; the defaults are the measured choice).
@@ -63,13 +64,14 @@ struct SplitRange {
   int begin, end, splits, chunk;
 };
 
-__device__ __forceinline__ SplitRange decode_split_range(int seq_len, int q_len, int window_left, int num_splits) {
+__device__ __forceinline__ SplitRange decode_split_range(int seq_len, int q_len, int window_left, int num_splits,
+                                                        int min_split_keys) {
   SplitRange r;
   r.end = seq_len;
   const int first_pos = seq_len - q_len;
   r.begin = (window_left >= 0 && first_pos - window_left > 0) ? ((first_pos - window_left) & ~15) : 0;
   const int len = r.end > r.begin ? r.end - r.begin : 0;
-  const int by_size = (len + kDecodeMinSplitKeys - 1) / kDecodeMinSplitKeys;
+  const int by_size = (len + min_split_keys - 1) / min_split_keys;
   r.splits = max(1, min(num_splits, by_size));
   r.chunk = ((len + r.splits - 1) / r.splits + 15) & ~15;
   return r;
@@ -236,7 +238,7 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
   const int seq_len = p.seq_lens[seq];
   const int rows_total = q_len * dp.group;
   if (rt * kRows >= rows_total) return;  // padded rows or a short spec-verify row
-  const SplitRange range = decode_split_range(seq_len, q_len, p.window_left, dp.num_splits);
+  const SplitRange range = decode_split_range(seq_len, q_len, p.window_left, dp.num_splits, dp.min_split_keys);
   if (split >= range.splits) return;
   const int k_begin = range.begin + split * range.chunk;
   const int k_end = min(range.end, k_begin + range.chunk);
@@ -588,7 +590,7 @@ __global__ void __launch_bounds__(256) decode_combine_kernel(const DecodeParams 
   const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
   const int row = rt * kRows + warp;
   if (row >= q_len * dp.group) return;
-  const SplitRange range = decode_split_range(p.seq_lens[seq], q_len, p.window_left, dp.num_splits);
+  const SplitRange range = decode_split_range(p.seq_lens[seq], q_len, p.window_left, dp.num_splits, dp.min_split_keys);
   if (range.splits == 1) return;  // the split kernel wrote the output itself
   constexpr float kLog2e = 1.4426950408889634f;
   const int token = q_begin + row / dp.group, head = kvh * dp.group + row % dp.group;

@@ -1,18 +1,19 @@
 // fireattn::prefill: varlen paged attention for prefill and chunked-prefill rows (any query
-// length, cached context before the new tokens, bottom-right causal) on the Hopper tensor-core
-// kernel of prefill_fp8_kernel.cuh: FP8 MMAs for FP8 caches, 16-bit MMAs for BF16/FP16 caches.
+// length, cached context before the new tokens, bottom-right causal) on the warp-specialized
+// Hopper tensor-core kernel of prefill_kernel.cuh, for every cache dtype: FP8 MMAs for FP8
+// caches, 16-bit MMAs for BF16/FP16 caches.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "attention/paged_attention.h"
+#include "common/attention_host.h"
 #include "common/torch_checks.h"
 #include "generated/configs.h"
-#include "prefill/prefill_fp8_kernel.cuh"
+#include "prefill/prefill_kernel.cuh"
 
 namespace fireattn {
 
 #define FIREATTN_DECLARE_PREFILL(QT, FP8, D) \
-  extern template void launch_prefill_fp8<QT, FP8, D>(const AttentionParams&, int, int, cudaStream_t);
+  extern template void launch_prefill<QT, FP8, D>(const AttentionParams&, int, int, cudaStream_t);
 FIREATTN_ATTENTION_CONFIGS(FIREATTN_DECLARE_PREFILL)
 #undef FIREATTN_DECLARE_PREFILL
 
@@ -38,11 +39,11 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
   const at::cuda::OptionalCUDAGuard guard(query.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::ScalarType qt = query.scalar_type();
-#define FIREATTN_TRY_PREFILL(QT, FP8, D)                                                                    \
-  if (qt == scalar_type_of<QT>() && fp8 == FP8 && head_dim == D) {                                          \
-    launch_prefill_fp8<QT, FP8, D>(p, static_cast<int>(max_query_len), static_cast<int>(promote_every), stream); \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                         \
-    return;                                                                                                 \
+#define FIREATTN_TRY_PREFILL(QT, FP8, D)                                                                     \
+  if (qt == scalar_type_of<QT>() && fp8 == FP8 && head_dim == D) {                                           \
+    launch_prefill<QT, FP8, D>(p, static_cast<int>(max_query_len), static_cast<int>(promote_every), stream); \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                          \
+    return;                                                                                                  \
   }
   FIREATTN_ATTENTION_CONFIGS(FIREATTN_TRY_PREFILL)
 #undef FIREATTN_TRY_PREFILL

@@ -10,9 +10,10 @@ an interrupted run resumes where it stopped:
   request per rep: TTFT and ITL come from vLLM's per-request stats (first-token latency; last minus
   first token time over output_len - 1), or, where a vLLM build gives no stats, from wall clock (a
   1-token request for TTFT). Each point is the median of --reps requests with fresh random token
-  ids (prefix caching off). FIREATTN with a BF16 cache (--kv auto) still prefills on the first
-  CUDA-core kernel, where long inputs cost minutes per request: cap --input-lens (e.g. at 32768)
-  for those runs.
+  ids (prefix caching off). FIREATTN with a BF16 cache (--kv auto) prefills on the same
+  warp-specialized tensor-core kernel as FP8 (16-bit wgmma; 0.31-0.45x of FA3 BF16's speed on an
+  H200), so it runs the full input-length sweep like the other variants (the removed first
+  CUDA-core kernel took minutes per 125k-token request and needed --input-lens capped).
 - load: --load-requests concurrent requests of --load-input tokens in, --load-output out;
   output tokens per second.
 - serve: online serving at a latency budget (serve_budget.py): one `vllm serve` loaded by vLLM's

@@ -3,15 +3,17 @@
 precision:
   "exact"   float64 on the inputs as stored: K/V dequantized from the cache, Q unquantized.
             The "FP32 reference" of DESIGN.md's tolerance rule.
-  "kernel"  what the prefill kernel computes: with an FP8 cache, Q is quantized to e4m3 with
-            its per-KV-head scale (sat_rne(q / q_scale)); everything else exact.
+  "kernel"  the prefill kernel's input rounding: with an FP8 cache, Q is quantized to e4m3 with
+            its per-KV-head scale (sat_rne(q / q_scale)); everything else exact (the kernel's
+            tensor-core arithmetic is "fp8_mma" below).
   (ops.decode's kernel keeps the query in 16 bits and widens FP8 K/V exactly, so the reference
   decode's "kernel" precision is "exact" on the stored cache.)
-  "fp8_mma" "kernel" plus the Hopper FP8 tensor-core path: P quantized to e4m3 as
+  "fp8_mma" "kernel" plus the Hopper tensor-core prefill path: P quantized to e4m3 as
             sat_rne(p * p_scale) / p_scale (the prefill kernel's p_scale is 256), PV summed per
             32-key MMA step in an accumulator of `mma_mantissa_bits` bits (truncated), and that
             accumulator promoted into an FP32 accumulator every `promote_every` tiles of
-            `block_n` keys (two-level accumulation; promote_every=0 means never).
+            `block_n` keys (two-level accumulation; promote_every=0 means never). With a
+            BF16/FP16 cache (16-bit MMAs) P is rounded to the model dtype instead (`p_dtype`).
 
 Masks: bottom-right causal (query i of a sequence with q_len queries and seq_len keys sits at
 position seq_len - q_len + i and sees keys j <= position), sliding window (keys j >=
@@ -97,7 +99,7 @@ def _softmax_pv(s, v, sink_logit):
 
 
 def _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_bits, promote_every):
-    """Online softmax over key tiles, as an FP8 flash-attention kernel computes it."""
+    """Online softmax over key tiles, as the tensor-core prefill kernel computes it."""
     hq, lq, lk = s.shape
     m = torch.full((hq, lq), float("-inf"), dtype=s.dtype, device=s.device)
     l = torch.zeros_like(m)

@@ -1,18 +1,10 @@
-// Argument checks and dtype/head-dim dispatch for the simple attention kernel.
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include "attention/paged_attention.h"
-#include "attention/simple_attention.cuh"
+// Host side shared by the attention ops: argument checks into AttentionParams, the compiled
+// head dims and the 'no kernel compiled' error.
+#include "common/attention_host.h"
 #include "common/torch_checks.h"
 #include "generated/configs.h"
 
 namespace fireattn {
-
-#define FIREATTN_DECLARE_CONFIG(QT, FP8, D) \
-  extern template void launch_simple_attention<QT, FP8, D>(const AttentionParams&, int, cudaStream_t);
-FIREATTN_ATTENTION_CONFIGS(FIREATTN_DECLARE_CONFIG)
-#undef FIREATTN_DECLARE_CONFIG
 
 namespace {
 
@@ -103,32 +95,6 @@ AttentionParams make_attention_params(const char* op, at::Tensor& out, const at:
   p.num_q_heads = static_cast<int>(num_q_heads);
   p.num_kv_heads = static_cast<int>(num_kv_heads);
   return p;
-}
-
-void paged_attention(const char* op, at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
-                     const at::Tensor& block_table, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
-                     const at::Tensor& q_scale, const at::Tensor& k_scale, const at::Tensor& v_scale,
-                     double softmax_scale, int64_t max_query_len, bool causal, int64_t window_left, double softcap,
-                     const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& lse) {
-  const AttentionParams p = make_attention_params(op, out, query, kv_cache, block_table, cu_seqlens_q, seq_lens,
-                                                  q_scale, k_scale, v_scale, softmax_scale, max_query_len, causal,
-                                                  window_left, softcap, sinks, lse);
-  const bool fp8 = is_fp8_cache(kv_cache);
-  const int64_t head_dim = kv_cache.size(4);
-  const at::cuda::OptionalCUDAGuard guard(query.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::ScalarType qt = query.scalar_type();
-  const int mql = static_cast<int>(max_query_len);
-
-#define FIREATTN_TRY_CONFIG(QT, FP8, D)                           \
-  if (qt == scalar_type_of<QT>() && fp8 == FP8 && head_dim == D) { \
-    launch_simple_attention<QT, FP8, D>(p, mql, stream);           \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                \
-    return;                                                        \
-  }
-  FIREATTN_ATTENTION_CONFIGS(FIREATTN_TRY_CONFIG)
-#undef FIREATTN_TRY_CONFIG
-  fail_no_kernel(op, head_dim, qt, fp8);
 }
 
 void fail_no_kernel(const char* op, int64_t head_dim, at::ScalarType qt, bool fp8) {

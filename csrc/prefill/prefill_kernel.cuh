@@ -1,6 +1,7 @@
-// Hopper (sm_90a) FP8 prefill: paged FP8 K/V, QK^T and PV on FP8 tensor cores (wgmma).
+// Hopper (sm_90a) prefill for every cache dtype, warp-specialized, QK^T and PV on tensor cores
+// (wgmma): paged FP8 K/V with FP8 MMAs (kFp8), or paged BF16/FP16 K/V with 16-bit MMAs.
 //
-// Numerics (the reference's precision="fp8_mma", vllm_fireattn/reference/attention.py):
+// Numerics, FP8 cache (the reference's precision="fp8_mma", vllm_fireattn/reference/attention.py):
 //   q8 = sat_rne(q / q_scale[h_kv])       in registers, once per CTA, into shared memory
 //   s  = (q8 . k8) * q_scale * k_scale * softmax_scale   (FP32 wgmma accumulator)
 //   p  = exp(s - m) (FP32 online softmax); l = sum p in FP32
@@ -9,18 +10,24 @@
 //        `promote_every` KV tiles (two-level accumulation; 0 = only at the end), because the
 //        tensor-core accumulator keeps ~13 mantissa bits and long contexts would drift.
 //   out = O * v_scale / (256 * l)
+// BF16/FP16 cache (the same precision="fp8_mma" with P rounded to the model dtype): Q, K and V
+// as stored, no scales; S on 16-bit tensor cores (k16, FP32 accumulator); P * 256 rounded to the
+// model dtype; PV on 16-bit tensor cores into FP32. Key tiles are half as long at head_dim 128
+// and 256 (64 and 32 keys) so that the 3-stage ring of 16-bit tiles fits shared memory.
 //
 // Work split: one CTA (3 warpgroups, 128 rows) per (row tile, sequence, kv head). A row is a
 // (query token, query head of this kv head's group) pair, so a GQA group shares every K/V
 // byte. Warpgroup 0 is the producer: K by cp.async into a swizzled K-major tile; V by cp.async
 // into a staging tile, then transposed in registers into the K-major V^T tile FP8 wgmma needs
-// (FP8 wgmma has no transposed-B mode), a 3-stage mbarrier ring ahead of the consumers.
+// (FP8 wgmma has no transposed-B mode; the 16-bit path uses the same V^T layout), a 3-stage
+// mbarrier ring ahead of the consumers.
 // Warpgroups 1 and 2 each own 64 rows: QK^T, online softmax, PV, promotion, epilogue.
 //
 // P goes to the PV wgmma straight from the QK accumulator registers: the FP8 A-fragment wants
 // four consecutive k per register where the accumulator holds pairs, so instead of shuffling
 // P between threads, V^T's key order inside each 32-key step is permuted to match (sum over
-// keys does not care about their order).
+// keys does not care about their order). The 16-bit A fragment takes the accumulator's pairs as
+// they are, so 16-bit V^T keeps the natural key order.
 #pragma once
 #include <cuda_runtime.h>
 #include <math_constants.h>
@@ -37,7 +44,7 @@ namespace fireattn {
 
 // kElem: cache bytes per element (1: FP8 e4m3 with FP8 MMAs; 2: a BF16/FP16 cache with 16-bit MMAs).
 template <int D, int kElem = 1>
-struct PrefillFp8Config {
+struct PrefillConfig {
   // Warpgroup 0 loads (cp.async K and V, V transpose); warpgroups 1 and 2 compute 64 rows each.
   static constexpr int kThreads = 384;
   static constexpr int kProducerThreads = 128;
@@ -239,14 +246,16 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], 
 // kEveryTile: promote_every == 1, the default. Other intervals keep a second accumulator alive
 // across tiles, which costs head_dim / 2 registers (and spills at head_dim 128), so they get
 // their own instantiation. head_dim 256 promotes per 64-column slice and takes 0 or 1 at runtime.
+// 16-bit caches get only the kEveryTile instantiation below head_dim 256 (launch_prefill), so
+// promote_every only matters to them at head_dim 256.
 template <typename QT, bool kFp8, int N>
 using WgmmaFor = std::conditional_t<kFp8, WgmmaFp8<N>,
                                     std::conditional_t<std::is_same_v<QT, __nv_bfloat16>, WgmmaBf16<N>, WgmmaF16<N>>>;
 
 template <typename QT, bool kFp8, int D, bool kEveryTile>
-__global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionParams p, const int promote_every) {
+__global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p, const int promote_every) {
   constexpr int kElem = kFp8 ? 1 : 2;
-  using Cfg = PrefillFp8Config<D, kElem>;
+  using Cfg = PrefillConfig<D, kElem>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int kPvN = Cfg::kPvN, kPvSlices = Cfg::kPvSlices;
   constexpr int kRowBytes = Cfg::kRowBytes;
@@ -621,14 +630,14 @@ __global__ void __launch_bounds__(384, 1) prefill_fp8_kernel(const AttentionPara
 }
 
 template <typename QT, bool kFp8, int D>
-void launch_prefill_fp8(const AttentionParams& p, int max_query_len, int promote_every, cudaStream_t stream) {
-  using Cfg = PrefillFp8Config<D, kFp8 ? 1 : 2>;
+void launch_prefill(const AttentionParams& p, int max_query_len, int promote_every, cudaStream_t stream) {
+  using Cfg = PrefillConfig<D, kFp8 ? 1 : 2>;
   const int group = p.num_q_heads / p.num_kv_heads;
   const int tiles = (max_query_len * group + Cfg::kBlockM - 1) / Cfg::kBlockM;
   if (tiles == 0 || p.num_seqs == 0) return;
-  auto kernel = prefill_fp8_kernel<QT, kFp8, D, true>;
+  auto kernel = prefill_kernel<QT, kFp8, D, true>;
   if constexpr (kFp8 && D != 256) {
-    if (promote_every != 1) kernel = prefill_fp8_kernel<QT, kFp8, D, false>;
+    if (promote_every != 1) kernel = prefill_kernel<QT, kFp8, D, false>;
   }
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   const dim3 grid(tiles, p.num_seqs, p.num_kv_heads);

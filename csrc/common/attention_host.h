@@ -1,5 +1,5 @@
-// Host side shared by the attention ops: argument checks into AttentionParams, and the first
-// (simple) kernel's dispatch, which prefill still runs.
+// Host side shared by the attention ops (prefill, decode): argument checks into AttentionParams,
+// the dtype mapping and the 'no kernel compiled' error their dispatchers use.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -27,13 +27,6 @@ AttentionParams make_attention_params(const char* op, at::Tensor& out, const at:
                                       double softmax_scale, int64_t max_query_len, bool causal, int64_t window_left,
                                       double softcap, const std::optional<at::Tensor>& sinks,
                                       const std::optional<at::Tensor>& lse);
-
-
-void paged_attention(const char* op, at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
-                     const at::Tensor& block_table, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
-                     const at::Tensor& q_scale, const at::Tensor& k_scale, const at::Tensor& v_scale,
-                     double softmax_scale, int64_t max_query_len, bool causal, int64_t window_left, double softcap,
-                     const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& lse);
 
 // Raises the 'no kernel compiled for this configuration' error.
 [[noreturn]] void fail_no_kernel(const char* op, int64_t head_dim, at::ScalarType qt, bool fp8);
