@@ -117,14 +117,15 @@ def test_decode_cuda_graph_replay_matches_eager():
         assert torch.all(replayed[0] == 0)
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 5, 64])
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 40, 64])
 @pytest.mark.parametrize("window_left", [-1, 700])
 def test_decode_split_counts(num_splits, window_left):
     """Split-KV: every split count gives the reference result and LSE, at lengths around the
-    256-key split minimum and with a window that moves the range start off a tile boundary."""
+    split sizes (128-key splits up to 32 of them, 256-key splits beyond: 4096 and 8192 keys are
+    the switch) and with a window that moves the range start off a tile boundary."""
     _skip_unless(128)
-    seq_lens = [1, 255, 256, 257, 1500, 9000, 4097]
-    q_lens = [1, 1, 1, 2, 1, 3, 1]
+    seq_lens = [1, 127, 128, 129, 255, 256, 257, 1500, 9000, 4097, 4095, 8192, 8209]
+    q_lens = [1, 1, 2, 1, 1, 1, 2, 1, 3, 1, 1, 2, 1]
     batch = make_paged_batch(q_lens, seq_lens, 16, 4, 128, seed=num_splits)
     rows = sum(q_lens)
     lse = torch.full((16, rows), float("nan"), device="cuda")

@@ -6,24 +6,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cstdlib>
-
 #include "common/attention_host.h"
 #include "common/torch_checks.h"
 #include "decode/decode_kernel.cuh"
 #include "generated/configs.h"
 
 namespace fireattn {
-
-// EXPERIMENT knob: FIREATTN_DECODE_MIN_SPLIT_KEYS (multiple of 16, default kDecodeMinSplitKeys).
-static int min_split_keys() {
-  static const int v = [] {
-    const char* e = std::getenv("FIREATTN_DECODE_MIN_SPLIT_KEYS");
-    const int x = e ? std::atoi(e) : kDecodeMinSplitKeys;
-    return x >= 16 ? (x & ~15) : kDecodeMinSplitKeys;
-  }();
-  return v;
-}
 
 #define FIREATTN_DECLARE_DECODE(QT, FP8, D)                                          \
   extern template void launch_decode<QT, FP8, D>(const DecodeParams&, cudaStream_t); \
@@ -47,7 +35,6 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache
   dp.group = dp.a.num_q_heads / dp.a.num_kv_heads;
   dp.row_tiles = static_cast<int>((dp.group * max_query_len + 7) / 8);
   dp.num_splits = static_cast<int>(num_splits);
-  dp.min_split_keys = min_split_keys();
   const int bs = dp.a.kv.block_size;
   dp.block_shift = (bs & (bs - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(bs)) : -1;
   if (dp.a.num_seqs == 0 || dp.row_tiles == 0) return;
