@@ -3,13 +3,12 @@ each on its own KV cache (so nothing is served from L2), replayed; prints micros
 for FIREATTN (FP8 and BF16 caches) and vLLM's FA3 (BF16 and FP8) on the same shapes.
 
   python tools/decode_latency.py [--batch 1] [--contexts 1024 4096 ...] [--head-dim 128] [--splits N ...]
-Run once per FIREATTN_DECODE_MIN_SPLIT_KEYS value to compare split sizes (read once per process).
+--splits adds fixed split counts next to the scheduler's choice.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 
@@ -58,7 +57,6 @@ def main() -> None:
 
     d = a.head_dim
     hq, hkv = HEADS[d]
-    msk = os.environ.get("FIREATTN_DECODE_MIN_SPLIT_KEYS", "default")
     recs = []
     for ctx in a.contexts:
         b = a.batch
@@ -81,7 +79,7 @@ def main() -> None:
                                                        num_splits=ns) for c in caches]
                 us = graph_time_us(calls)
                 ours[(kv, ns)] = us
-                recs.append(dict(impl="fireattn", kv=kv, splits=ns or "auto", min_split_keys=msk, ctx=ctx, batch=b,
+                recs.append(dict(impl="fireattn", kv=kv, splits=ns or "auto", ctx=ctx, batch=b,
                                  head_dim=d, us=us))
             del caches
         if a.fa3:
@@ -107,10 +105,9 @@ def main() -> None:
                 del ks, vs
         torch.cuda.empty_cache()
     for r in recs:
-        if r["ctx"] and True:
-            kvb = 2 * r["batch"] * r["ctx"] * hkv * d * (1 if r["kv"] == "fp8" else 2)
-            r["gbps"] = kvb / r["us"] / 1e3
-        print(f"{r['impl']:>8} {r['kv']:>4} splits={str(r.get('splits', '-')):>4} msk={str(r.get('min_split_keys', '-')):>7} "
+        kvb = 2 * r["batch"] * r["ctx"] * hkv * d * (1 if r["kv"] == "fp8" else 2)
+        r["gbps"] = kvb / r["us"] / 1e3
+        print(f"{r['impl']:>8} {r['kv']:>4} splits={str(r.get('splits', '-')):>4} "
               f"b={r['batch']} ctx={r['ctx']:>6} D={d}: {r['us']:8.2f} us  {r['gbps']:7.0f} GB/s")
     if a.json:
         with open(a.json, "a") as f:

@@ -253,8 +253,81 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
 
-  // ---- stream the stages of this warp; K and V of the next stage load during this one. The first
-  // stage is requested before the query is prepared, so its latency overlaps that work. ----
+  __shared__ __align__(16) uint32_t q_frag[Cfg::kKSteps][32][2];
+  __shared__ float row_mult[kRows];
+  __shared__ __align__(16) float merge_o[Cfg::kWarps][kRows][D];
+  __shared__ float merge_m[Cfg::kWarps][kRows], merge_l[Cfg::kWarps][kRows];
+
+  // ---- Q: 8 rows to 16-bit MMA fragments in shared memory (per-row power-of-two prescale) ----
+  const float k_scale = kFp8 ? p.k_scale[kvh * p.k_scale_stride] : 1.f;
+  // FP8 V is widened as value * 2^-8 (e4m3_pair_to_f16x2_scaled); the output scale undoes it.
+  const float v_scale = kFp8 ? p.v_scale[kvh * p.v_scale_stride] * 256.f : 1.f;
+  auto row_q = [&](int r) -> const QT* {
+    const int row = rt * kRows + r;
+    const int token = q_begin + row / dp.group, head = kvh * dp.group + row % dp.group;
+    return static_cast<const QT*>(p.q) + token * p.q_tok_stride + head * p.q_head_stride;
+  };
+  for (int r = warp; r < kRows; r += Cfg::kWarps) {
+    float amax = 0.f;
+    if (rt * kRows + r < rows_total) {
+      const QT* q = row_q(r);
+      for (int d = lane; d < D; d += 32) amax = fmaxf(amax, fabsf(load_float(q + d)));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (lane == 0) {
+      // FP16 MMA: bring the row's max into [2^14, 2^15) by a power of two (exact for BF16 input).
+      float mult = 1.f;
+      if (std::is_same_v<MT, __half> && amax > 0.f && isfinite(amax)) mult = exp2f(static_cast<float>(14 - ilogbf(amax)));
+      row_mult[r] = mult;
+    }
+  }
+  __syncthreads();
+  for (int e = tid; e < Cfg::kKSteps * 32; e += Cfg::kThreads) {
+    const int ks = e / 32, ln = e % 32, fg = ln / 4, ft = ln % 4;
+    uint32_t regs[2] = {0u, 0u};
+    if (rt * kRows + fg < rows_total) {
+      const QT* q = row_q(fg);
+      const float mult = row_mult[fg];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int d = qk_pair_dim<Cfg>(ft, 2 * ks + h);
+        regs[h] = pack2<MT>(load_float(q + d) * mult, load_float(q + d + 1) * mult);
+      }
+    }
+    q_frag[ks][ln][0] = regs[0];
+    q_frag[ks][ln][1] = regs[1];
+  }
+  __syncthreads();
+
+  // ---- per-lane score scale and visible-key window for its two rows (columns 2t, 2t+1) ----
+  constexpr float kLog2e = 1.4426950408889634f;
+  float score_mult[2];
+  int key_lo[2], key_hi[2];
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int r = 2 * t + c, row = rt * kRows + r;
+    const float base = p.softmax_scale * k_scale / row_mult[r];
+    score_mult[c] = p.softcap > 0.f ? base / p.softcap : base * kLog2e;
+    if (row < rows_total) {
+      const int pos = seq_len - q_len + row / dp.group;  // bottom-right aligned
+      key_hi[c] = p.causal ? min(k_end, pos + 1) : k_end;
+      key_lo[c] = p.window_left >= 0 ? max(k_begin, pos - p.window_left) : k_begin;
+    } else {  // a padding row: never written, so it may see everything (keeps interior stages mask-free)
+      key_lo[c] = k_begin;
+      key_hi[c] = k_end;
+    }
+  }
+  // Stages inside [mask_lo, mask_hi) need no per-key masks (warp-uniform bounds).
+  int mask_lo = max(key_lo[0], key_lo[1]), mask_hi = min(key_hi[0], key_hi[1]);
+#pragma unroll
+  for (int o = 1; o < 4; o <<= 1) {
+    mask_lo = max(mask_lo, __shfl_xor_sync(0xffffffffu, mask_lo, o));
+    mask_hi = min(mask_hi, __shfl_xor_sync(0xffffffffu, mask_hi, o));
+  }
+  const float softcap_log2 = p.softcap * kLog2e;
+
+  // ---- stream the stages of this warp; K and V of the next stage load during this one ----
   const PagedKV& kv = p.kv;
   const int64_t bt_row = static_cast<int64_t>(seq) * kv.block_table_stride;
   const uint8_t* kv_head_base = kv.base + kvh * kv.head_stride;
@@ -331,81 +404,6 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
     load_k(stage);
     load_v(stage);
   }
-
-  __shared__ __align__(16) uint32_t q_frag[Cfg::kKSteps][32][2];
-  __shared__ float row_mult[kRows];
-  __shared__ __align__(16) float merge_o[Cfg::kWarps][kRows][D];
-  __shared__ float merge_m[Cfg::kWarps][kRows], merge_l[Cfg::kWarps][kRows];
-
-  // ---- Q: 8 rows to 16-bit MMA fragments in shared memory (per-row power-of-two prescale) ----
-  const float k_scale = kFp8 ? p.k_scale[kvh * p.k_scale_stride] : 1.f;
-  // FP8 V is widened as value * 2^-8 (e4m3_pair_to_f16x2_scaled); the output scale undoes it.
-  const float v_scale = kFp8 ? p.v_scale[kvh * p.v_scale_stride] * 256.f : 1.f;
-  auto row_q = [&](int r) -> const QT* {
-    const int row = rt * kRows + r;
-    const int token = q_begin + row / dp.group, head = kvh * dp.group + row % dp.group;
-    return static_cast<const QT*>(p.q) + token * p.q_tok_stride + head * p.q_head_stride;
-  };
-  for (int r = warp; r < kRows; r += Cfg::kWarps) {
-    float amax = 0.f;
-    if (rt * kRows + r < rows_total) {
-      const QT* q = row_q(r);
-      for (int d = lane; d < D; d += 32) amax = fmaxf(amax, fabsf(load_float(q + d)));
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    if (lane == 0) {
-      // FP16 MMA: bring the row's max into [2^14, 2^15) by a power of two (exact for BF16 input).
-      float mult = 1.f;
-      if (std::is_same_v<MT, __half> && amax > 0.f && isfinite(amax)) mult = exp2f(static_cast<float>(14 - ilogbf(amax)));
-      row_mult[r] = mult;
-    }
-  }
-  __syncthreads();
-  for (int e = tid; e < Cfg::kKSteps * 32; e += Cfg::kThreads) {
-    const int ks = e / 32, ln = e % 32, fg = ln / 4, ft = ln % 4;
-    uint32_t regs[2] = {0u, 0u};
-    if (rt * kRows + fg < rows_total) {
-      const QT* q = row_q(fg);
-      const float mult = row_mult[fg];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int d = qk_pair_dim<Cfg>(ft, 2 * ks + h);
-        regs[h] = pack2<MT>(load_float(q + d) * mult, load_float(q + d + 1) * mult);
-      }
-    }
-    q_frag[ks][ln][0] = regs[0];
-    q_frag[ks][ln][1] = regs[1];
-  }
-  __syncthreads();
-
-  // ---- per-lane score scale and visible-key window for its two rows (columns 2t, 2t+1) ----
-  constexpr float kLog2e = 1.4426950408889634f;
-  float score_mult[2];
-  int key_lo[2], key_hi[2];
-#pragma unroll
-  for (int c = 0; c < 2; ++c) {
-    const int r = 2 * t + c, row = rt * kRows + r;
-    const float base = p.softmax_scale * k_scale / row_mult[r];
-    score_mult[c] = p.softcap > 0.f ? base / p.softcap : base * kLog2e;
-    if (row < rows_total) {
-      const int pos = seq_len - q_len + row / dp.group;  // bottom-right aligned
-      key_hi[c] = p.causal ? min(k_end, pos + 1) : k_end;
-      key_lo[c] = p.window_left >= 0 ? max(k_begin, pos - p.window_left) : k_begin;
-    } else {  // a padding row: never written, so it may see everything (keeps interior stages mask-free)
-      key_lo[c] = k_begin;
-      key_hi[c] = k_end;
-    }
-  }
-  // Stages inside [mask_lo, mask_hi) need no per-key masks (warp-uniform bounds).
-  int mask_lo = max(key_lo[0], key_lo[1]), mask_hi = min(key_hi[0], key_hi[1]);
-#pragma unroll
-  for (int o = 1; o < 4; o <<= 1) {
-    mask_lo = max(mask_lo, __shfl_xor_sync(0xffffffffu, mask_lo, o));
-    mask_hi = min(mask_hi, __shfl_xor_sync(0xffffffffu, mask_hi, o));
-  }
-  const float softcap_log2 = p.softcap * kLog2e;
-
   for (; stage < num_stages; stage += Cfg::kWarps) {
     const int stage_key0 = k_begin + stage * kStageKeys;
 
