@@ -63,6 +63,18 @@ def test_report_merges_a_directory_and_resumes_by_file(tmp_path):
     assert "## llama31-8b" in text and "| FIREATTN | fp8 | - | 0.0200 | 0.50 |" in text
     merged = json.loads(out.with_suffix(".json").read_text())
     assert sum(r["bench"] == "e2e_fit" for r in merged["records"]) == 2
+    # slope 0.50x of BF16 meets the 0.52 target; no load or TTFT-at-max data is "-", not met
+    assert "| ITL slope x FA3 BF16 | <= 0.52 | 0.500 | yes |" in text
+    assert "| throughput under load x FA3 BF16 | >= 1.2 | - | - |" in text
+
+
+def test_targets_judge_each_bound():
+    fit = {"model": "llama31-8b", "itl_slope_vs_fa3_bf16": 0.6, "itl_intercept_minus_fa3_bf16_ms": -0.04,
+           "ttft_vs_fa3_bf16_at_max": 0.8, "load_vs_fa3_bf16": 1.19}
+    met = {name: ok for name, _, _, ok in e2e.target_rows(fit)}
+    assert met == {"ITL slope x FA3 BF16": False, "ITL intercept - FA3 BF16 (ms)": True,
+                   "TTFT at max input x FA3 BF16": True, "throughput under load x FA3 BF16": False}
+    assert e2e.target_rows({"model": "unknown"}) == []
 
 
 def test_report_without_results_says_so(tmp_path):

@@ -283,6 +283,37 @@ def analyze(records: list[dict], cutoffs_ms=None) -> list[dict]:
     return out
 
 
+# Issue-6 targets for FIREATTN FP8 against FLASH_ATTN BF16 of the same model (H200). The head_dim-64
+# config takes the Llama-3.1-8B ratios ("similar ratios"). Keys: fit record field, comparison, bound.
+TARGETS = {
+    "llama31-8b": [("itl_slope_vs_fa3_bf16", "<=", 0.52), ("itl_intercept_minus_fa3_bf16_ms", "abs<=", 0.05),
+                   ("ttft_vs_fa3_bf16_at_max", "<=", 0.80), ("load_vs_fa3_bf16", ">=", 1.20)],
+    "gemma3-12b-text": [("itl_slope_vs_fa3_bf16", "<=", 0.60), ("ttft_vs_fa3_bf16_at_max", "<=", 0.90),
+                        ("load_vs_fa3_bf16", ">=", 1.15)],
+}
+TARGETS["llama-hd64"] = TARGETS["llama31-8b"]
+TARGET_NAMES = {"itl_slope_vs_fa3_bf16": "ITL slope x FA3 BF16", "itl_intercept_minus_fa3_bf16_ms":
+                "ITL intercept - FA3 BF16 (ms)", "ttft_vs_fa3_bf16_at_max": "TTFT at max input x FA3 BF16",
+                "load_vs_fa3_bf16": "throughput under load x FA3 BF16"}
+
+
+def target_rows(fit: dict) -> list[tuple[str, str, float | None, bool | None]]:
+    """(name, bound text, value, met) for each issue-6 target of a FIREATTN FP8 fit record."""
+    rows = []
+    for key, op, bound in TARGETS.get(fit["model"], []):
+        value = fit.get(key)
+        if value is None:
+            met = None
+        elif op == "<=":
+            met = value <= bound
+        elif op == ">=":
+            met = value >= bound
+        else:
+            met = abs(value) <= bound
+        rows.append((TARGET_NAMES[key], f"{'within +-' if op == 'abs<=' else op} {bound:g}", value, met))
+    return rows
+
+
 def _fmt(x, spec=".2f", none="-"):
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return none
@@ -295,8 +326,8 @@ def markdown(fits: list[dict], envs: list[dict], sources: list[str]) -> str:
         return "\n".join(lines + ["No e2e results yet: run `python -m vllm_fireattn.bench e2e run ...` on a GPU.", ""])
     gpus = sorted({e.get("gpu", "?") for e in envs})
     lines += [f"GPU: {', '.join(gpus)}; vLLM {', '.join(sorted({e.get('vllm', '?') for e in envs}))}; "
-              f"commits {', '.join(sorted({e.get('commit', '?') or '?' for e in envs}))}. Sources: "
-              + ", ".join(f"`{s}`" for s in sources), ""]
+              f"commits {', '.join(sorted({e.get('commit', '?') or '?' for e in envs}))}. Sources (commit): "
+              + ", ".join(f"`{s}` ({e.get('commit') or '?'})" for s, e in zip(sources, envs)), ""]
     for model in sorted({f["model"] for f in fits}):
         lines += [f"## {model}", "",
                   "| backend | KV | skip | ITL slope (us/tok) | x FA3 BF16 | intercept (ms) | d intercept (ms) | "
@@ -311,7 +342,17 @@ def markdown(fits: list[dict], envs: list[dict], sources: list[str]) -> str:
                 f"{_fmt(f.get('ttft_at_max_ms'), '.0f')} | {_fmt(f.get('ttft_vs_fa3_bf16_at_max'))} | "
                 f"{_fmt(f.get('break_even_vs_fa3_bf16_tokens'), '.0f', 'never')} | "
                 f"{_fmt(f.get('load_output_tok_per_s'), '.0f')} | {_fmt(f.get('load_vs_fa3_bf16'))} |")
-        lines += ["", f"![ITL]({model}_itl.png) ![TTFT]({model}_ttft.png)", ""]
+        lines += ["", f"![ITL]({model}_itl.png) ![TTFT]({model}_ttft.png) ![load]({model}_load.png)", ""]
+        for f in [f for f in fits if f["model"] == model and f["backend"] == "FIREATTN" and f["kv_dtype"] == "fp8"]:
+            rows = target_rows(f)
+            if not rows:
+                continue
+            skip = f" (skip layers: {','.join(f['skip_layers'])})" if f["skip_layers"] else ""
+            lines += [f"Issue-6 targets, FIREATTN FP8{skip}:", "", "| target | bound | measured | met |",
+                      "|---|---|---|---|"]
+            lines += [f"| {name} | {bound} | {_fmt(value, '.3f')} | "
+                      f"{'-' if met is None else ('yes' if met else '**no**')} |" for name, bound, value, met in rows]
+            lines.append("")
         served = [f for f in fits if f["model"] == model and f.get("serve_rps_at_budget")]
         if served:
             cuts = list(served[0]["serve_rps_at_budget"])
@@ -362,6 +403,19 @@ def plots(records: list[dict], fits: list[dict], out_dir: Path) -> list[Path]:
             fig.savefig(path, dpi=100)
             plt.close(fig)
             written.append(path)
+    for model in sorted({f["model"] for f in fits if f.get("load_output_tok_per_s")}):
+        bars = [f for f in fits if f["model"] == model and f.get("load_output_tok_per_s")]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        labels = [f"{f['backend']}\n{f['kv_dtype']}" + (" skip" if f["skip_layers"] else "") for f in bars]
+        ax.bar(labels, [f["load_output_tok_per_s"] for f in bars])
+        ax.set_ylabel("output tokens/s")
+        ax.set_title(f"{model}: throughput under load")
+        ax.grid(alpha=0.3, axis="y")
+        path = out_dir / f"{model}_load.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
     return written
 
 
