@@ -165,7 +165,9 @@ def test_smollm2_accuracy_vs_fp32_no_worse_than_flash_attn(smollm2_runs):
 
 
 @pytest.mark.xfail(strict=True, reason="issue 5 target not met on the H200 (2026-11-22): calibrated scales "
-                   "(2 x absmax / 448) 0.2034 vs uncalibrated 1.0 0.1957 (absmax / 448: 0.2067); cause not found yet")
+                   "(2 x absmax / 448) 0.2034 vs uncalibrated 1.0 0.1957 (absmax / 448: 0.2067). On the CPU, "
+                   "scales that saturate nothing move this one-text metric by ~0.018 (rounding noise), more "
+                   "than the test's 2% + 0.002 margin: see benchmarks/calibration/README.md")
 def test_smollm2_calibrated_scales_no_worse_than_uncalibrated(smollm2_runs):
     """Per-layer, per-KV-head scales from the committed SmolLM2 calibration file: accuracy vs
     FP32 no worse than vLLM's uncalibrated 1.0 scales (issue 5's target)."""
