@@ -44,6 +44,12 @@ def _hf_prompt_logprobs(model_dir: str, prompts: list[list[int]]) -> list[dict]:
     return out
 
 
+def _token_ids(arg: str) -> list[list[int]]:
+    """--prompt-token-ids: inline JSON, or @FILE with a list or an object holding "token_ids"."""
+    data = json.loads(open(arg[1:]).read() if arg.startswith("@") else arg)
+    return data["token_ids"] if isinstance(data, dict) else data
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -51,7 +57,8 @@ def main(argv=None) -> None:
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--skip-layers", nargs="*", default=[])
     ap.add_argument("--dummy", action="store_true", help="dummy weights, token-id prompts")
-    ap.add_argument("--prompt-token-ids", help="JSON list of token-id lists (with --dummy)")
+    ap.add_argument("--prompt-token-ids", help="JSON list of token-id lists, or @FILE holding one (or a JSON "
+                    "object with a token_ids list); with --dummy or real weights")
     ap.add_argument("--prompts", help="JSON list of strings")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--prompt-logprobs", action="store_true")
@@ -64,8 +71,9 @@ def main(argv=None) -> None:
     ap.add_argument("--hf-reference", action="store_true",
                     help="no vLLM: float32 transformers prompt logprobs for --prompt-token-ids")
     args = ap.parse_args(argv)
+    token_ids = _token_ids(args.prompt_token_ids) if args.prompt_token_ids else None
     if args.hf_reference:
-        print("E2E_RESULT " + json.dumps({"outputs": _hf_prompt_logprobs(args.model, json.loads(args.prompt_token_ids))}))
+        print("E2E_RESULT " + json.dumps({"outputs": _hf_prompt_logprobs(args.model, token_ids)}))
         return
 
     from vllm import LLM, SamplingParams
@@ -98,8 +106,8 @@ def main(argv=None) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=args.top_logprobs,
                             ignore_eos=args.dummy,
                             prompt_logprobs=0 if args.prompt_logprobs else None)
-    if args.dummy:
-        prompts = [{"prompt_token_ids": ids} for ids in json.loads(args.prompt_token_ids)]
+    if token_ids is not None:
+        prompts = [{"prompt_token_ids": ids} for ids in token_ids]
     else:
         prompts = json.loads(args.prompts)
     outs = llm.generate(prompts, params, use_tqdm=False)

@@ -164,21 +164,57 @@ def test_smollm2_accuracy_vs_fp32_no_worse_than_flash_attn(smollm2_runs):
     assert err[("FIREATTN", "fp8")] <= FP8_MEAN_ABS_BOUND
 
 
-@pytest.mark.xfail(strict=True, reason="issue 5 target not met on the H200 (2026-11-22): calibrated scales "
-                   "(2 x absmax / 448) 0.2034 vs uncalibrated 1.0 0.1957 (absmax / 448: 0.2067). On the CPU, "
-                   "scales that saturate nothing move this one-text metric by ~0.018 (rounding noise), more "
-                   "than the test's 2% + 0.002 margin: see benchmarks/calibration/README.md")
-def test_smollm2_calibrated_scales_no_worse_than_uncalibrated(smollm2_runs):
-    """Per-layer, per-KV-head scales from the committed SmolLM2 calibration file: accuracy vs
-    FP32 no worse than vLLM's uncalibrated 1.0 scales (issue 5's target)."""
-    cal = HERE.parent / "benchmarks" / "calibration" / "smollm2-135m_pg-essays-16k.safetensors"
-    calibrated = _real("FIREATTN", "fp8", additional_config=json.dumps(
-        {"fireattn": {"scales": "calibration", "calibration_file": str(cal)}}))
-    truth = smollm2_runs["fp32"]
-    err_cal = _mean_abs_prompt_delta(calibrated, truth)
-    err_one = _mean_abs_prompt_delta(smollm2_runs[("FIREATTN", "fp8")], truth)
-    print(f"FIREATTN fp8 mean |logprob - fp32|: calibrated {err_cal:.4f}, uncalibrated {err_one:.4f}")
-    assert err_cal <= err_one * 1.02 + 0.002
+WINDOWS = HERE / "data" / "smollm2_fp8_windows.json"  # 16 x 1024 held-out token ids (see its "about")
+OCTAVE_OFFSETS = [2 ** (j / 4) for j in range(4)]
+
+
+def _window_errors(run: dict, truth: dict) -> list[float]:
+    """Mean |prompt logprob - FP32| of each window (the first token has no logprob)."""
+    errs = []
+    for a, b in zip(run["outputs"], truth["outputs"]):
+        pa, pb = a["prompt_logprobs"][1:], b["prompt_logprobs"][1:]
+        assert len(pa) == len(pb) > 1000
+        errs.append(sum(abs(x - y) for x, y in zip(pa, pb)) / len(pa))
+    return errs
+
+
+def test_smollm2_calibrated_scales_no_worse_than_uncalibrated(tmp_path):
+    """Issue 5's target: calibrated per-KV-head scales (the committed SmolLM2 file) no worse than
+    1.0, as mean |prompt logprob - FP32| over 16 held-out windows, paired per window.
+
+    One text and one scale per choice cannot decide it: e4m3's grid repeats every factor of 2, so
+    where values fall on it (log2(scale) mod 1) moves the error by more than the difference under
+    test, in the same direction for every text (benchmarks/calibration/README.md). So each choice
+    runs at 4 offsets spanning an octave (calibrated x c against uniform c, c = 2^(j/4)) and the
+    per-window differences are averaged over them. CPU emulation: -0.0009 +- 0.0008 nats.
+    Runs 8 engines plus the FP32 reference: run it alone on a 10-minute device slot."""
+    from vllm_fireattn import calibration
+
+    model = _smollm2()
+    cal = calibration.load(HERE.parent / "benchmarks" / "calibration" / "smollm2-135m_pg-essays-16k.safetensors")
+    truth = run_engine("--model", model, "--hf-reference", "--prompt-token-ids", f"@{WINDOWS}")
+    half_range = calibration.FP8_MAX / calibration.HEADROOM  # absmax that maps to scale 1.0
+    diffs = None
+    for c in OCTAVE_OFFSETS:
+        errs = {}
+        for name, absmax in (("calibrated", [t * c for t in (cal.k_absmax, cal.v_absmax, cal.q_absmax)]),
+                             ("uniform", [cal.k_absmax * 0 + half_range * c] * 3)):
+            path = tmp_path / f"{name}_{c:.4f}.safetensors"
+            calibration.save(path, *absmax, cal.meta)
+            run = run_engine("--model", model, "--backend", "FIREATTN", "--kv-cache-dtype", "fp8", "--prompt-logprobs",
+                             "--prompt-token-ids", f"@{WINDOWS}", "--max-tokens", "1", "--max-model-len", "2048",
+                             "--additional-config", json.dumps(
+                                 {"fireattn": {"scales": "calibration", "calibration_file": str(path)}}))
+            errs[name] = _window_errors(run, truth)
+        d = [(a - b) / len(OCTAVE_OFFSETS) for a, b in zip(errs["calibrated"], errs["uniform"])]
+        diffs = d if diffs is None else [x + y for x, y in zip(diffs, d)]
+        print(f"offset {c:.3f}: calibrated {sum(errs['calibrated']) / len(d):.4f}, "
+              f"uniform {sum(errs['uniform']) / len(d):.4f}")
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = (sum((x - mean) ** 2 for x in diffs) / (n - 1) / n) ** 0.5
+    print(f"calibrated minus 1.0, paired over {n} windows: {mean:+.4f} +- {se:.4f} nats")
+    assert mean <= 2 * se + 0.002
 
 
 def test_smollm2_spec_decode_keeps_greedy_output(smollm2_runs):
