@@ -50,8 +50,7 @@ import torch
 
 from vllm_fireattn.calibrate import through_e4m3
 from vllm_fireattn.calibration import load
-
-P_SCALE = 256.0  # the prefill kernel's P scale: P * 256 goes to e4m3
+from vllm_fireattn.reference.attention import attend
 
 
 def test_prompts() -> list[str]:
@@ -80,24 +79,12 @@ def windows(tok, files: list[str], n: int, size: int) -> list[tuple[str, torch.T
 
 
 def attend_p_e4m3(q, k, v, scaling: float, block_n: int):
-    """Causal attention of one sequence as the FP8 prefill kernel computes it: q [1, Hq, T, D],
-    k/v [1, Hkv, T, D] -> [1, T, Hq, D]. Key tiles of block_n in order with a running max m_t;
-    each tile's P = exp(s - m_t) goes to e4m3 as sat_rne(P * 256) / 256 before PV; the row sum
-    uses the unrounded P; earlier tiles are rescaled by exp(m_t - m_final) (the alphas' product)."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k[0].repeat_interleave(g, 0), v[0].repeat_interleave(g, 0)
-    t = q.shape[2]
-    s = (q[0] @ k.transpose(-1, -2)) * scaling
-    s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
-    nt = -(-t // block_n)
-    s = torch.nn.functional.pad(s, (0, nt * block_n - t), value=float("-inf")).view(s.shape[0], t, nt, block_n)
-    m = s.amax(-1).cummax(-1).values  # running max after each tile (key 0 is in tile 0: finite)
-    p = torch.exp(s - m[..., None])
-    rescale = torch.exp(m - m[..., -1:])
-    l = (p.sum(-1) * rescale).sum(-1)
-    pr = (p * P_SCALE).to(torch.float8_e4m3fn).to(p.dtype) / P_SCALE
-    w = (pr * rescale[..., None]).view(s.shape[0], t, -1)[..., :t]
-    return ((w @ v) / l[..., None]).transpose(0, 1)[None].contiguous(), None
+    """Causal attention of one sequence as the FP8 prefill kernel computes it (the reference's
+    tiled softmax with P rounded to e4m3 as sat_rne(P * 256) / 256): q [1, Hq, T, D],
+    k/v [1, Hkv, T, D] -> ([1, T, Hq, D], None) as transformers' attention interface returns it."""
+    out, _ = attend(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), scaling, True,
+                    p_fp8=True, block_n=block_n)
+    return out[None], None
 
 
 def mean_se(x: list[float]) -> tuple[float, float]:
