@@ -125,8 +125,8 @@ def assert_attention_close(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: 
     matching inf/NaN positions.
 
     lowp_exact: the kernel reproduces ref_lowp up to output rounding (true unless the kernel
-    rounds P to FP8: exp approximations then flip some e4m3 roundings, so the kernel must only
-    be no farther from ref_lowp than ref_lowp is from the exact result)."""
+    rounds P, to e4m3 or to 16 bits for its MMAs: exp approximations then flip some roundings,
+    so the kernel must only be no farther from ref_lowp than ref_lowp is from the exact result)."""
     o, r32, rlp = out[:rows].double(), ref_fp32[:rows], ref_lowp[:rows]
     assert torch.equal(torch.isnan(o), torch.isnan(rlp)), "NaN positions differ"
     assert torch.equal(torch.isinf(o), torch.isinf(rlp)), "inf positions differ"

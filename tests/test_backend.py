@@ -240,13 +240,13 @@ class _RecordingOps:
         self.scales["cache_write"] = (k_scale, v_scale)
 
 
-def _impl_with_settings(monkeypatch, additional_config, layers=2, kv_heads=4, head_dim=64, tp=(0, 1)):
+def _impl_with_settings(monkeypatch, additional_config, layers=2, kv_heads=4, head_dim=64, tp=(0, 1), kv_dtype="fp8"):
     model_config = SimpleNamespace(hf_text_config=SimpleNamespace(num_hidden_layers=layers),
                                    get_total_num_kv_heads=lambda: kv_heads, get_head_size=lambda: head_dim)
     cfg = SimpleNamespace(additional_config=additional_config, model_config=model_config)
     monkeypatch.setattr(B, "get_current_vllm_config_or_none", lambda: cfg)
     monkeypatch.setattr(B, "tensor_parallel_rank_and_size", lambda: tp)
-    return B.FireAttnImpl(8, head_dim, 0.125, kv_heads // tp[1], None, None, "fp8")
+    return B.FireAttnImpl(8, head_dim, 0.125, kv_heads // tp[1], None, None, kv_dtype)
 
 
 def _layer(index):
@@ -299,6 +299,17 @@ def test_bad_settings_stop_startup(monkeypatch):
 
     with pytest.raises(FireAttnConfigError, match="accepted values"):
         _impl_with_settings(monkeypatch, {"fireattn": {"scales": "per-head"}})
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8", "auto"])
+def test_promote_interval_the_kernel_cannot_run_stops_startup(monkeypatch, kv_dtype):
+    """Every cache dtype prefills on the tensor-core kernel, whose head_dim-256 path promotes every
+    tile or never: a BF16 layer must be refused at startup too, not at its first prefill."""
+    from vllm_fireattn.settings import FireAttnConfigError
+
+    _impl_with_settings(monkeypatch, {"fireattn": {"promote_every": 2}}, head_dim=128, kv_dtype=kv_dtype)
+    with pytest.raises(FireAttnConfigError, match="head_dim 256 layers accept 0"):
+        _impl_with_settings(monkeypatch, {"fireattn": {"promote_every": 2}}, head_dim=256, kv_dtype=kv_dtype)
 
 
 def test_decode_splits_setting_overrides_the_plan(monkeypatch):

@@ -18,7 +18,7 @@ scales: "checkpoint" uses what vLLM loaded (per-tensor or compressed-tensors att
 "one" forces 1.0, the documented uncalibrated worst case. promote_every: KV tiles between
 promotions of the FP8 prefill's tensor-core PV accumulator into its FP32 accumulator (two-level
 accumulation); 1 is the most accurate and, on an H200, also the fastest
-(benchmarks/results/h200/README.md); head_dim 256 layers take 0 or 1. The additional-config
+(benchmarks/results/h200/README.md); head_dim 256 layers of any cache dtype take 0 or 1. The additional-config
 value wins over the environment; every value is validated when the backend starts, and a bad one
 is an error that names it and the accepted ones.
 Imports nothing from vLLM.

@@ -291,8 +291,7 @@ class FireAttnImpl(AttentionImpl[FireAttnMetadata]):
         vllm_config = get_current_vllm_config_or_none()
         self._model_config = getattr(vllm_config, "model_config", None)
         self.settings: FireAttnSettings = resolve(getattr(vllm_config, "additional_config", None))
-        if self.is_fp8:
-            self.settings.check_head_dim(head_size)
+        self.settings.check_head_dim(head_size)  # every cache dtype prefills on the tensor-core kernel
         self._scale_table: dict[str, torch.Tensor] | None = None  # "q"/"k"/"v": [layers, local kv heads]
         self._layer_scales: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # by layer name
         if not FireAttnImpl._logged:
