@@ -1,4 +1,6 @@
 """GPU: ops.prefill vs the reference (DESIGN.md tolerance rule) over awkward shapes."""
+import functools
+
 import pytest
 import torch
 
@@ -114,14 +116,11 @@ def test_prefill_fp8_non_causal(head_dim):
     _check(batch, 194, softmax_scale=head_dim**-0.5, causal=False)
 
 
-@pytest.mark.parametrize("head_dim", [128, 256])
-def test_prefill_fp8_error_flat_with_context(head_dim):
-    """DESIGN.md numerics: relative L2 error vs an FP64 reference on the same rounded inputs (FP8
-    Q, K, V; ANCHORS.md's method) stays flat from 4k to 128k keys (64 queries at the end of the
-    context, random normal data), promoting every tile is no worse than never promoting, and the
-    error is within 12% of vLLM FA3 FP8's on the same inputs (measured on an H200: 5-10% above it;
-    the e4m3 rounding of P dominates both, and the gap is not explained yet)."""
-    _head_dim_compiled(head_dim)
+@functools.lru_cache(maxsize=None)
+def _long_context_errors(head_dim):
+    """Relative L2 vs an FP64 reference on the same rounded inputs (FP8 Q, K, V; ANCHORS.md's
+    method), 64 queries at the end of 4k/16k/64k/128k-key contexts, random normal data: FIREATTN
+    promoting every tile, never promoting, and vLLM's FA3 FP8 (empty when not importable)."""
     errs, never_errs, fa3_errs = [], [], []
     rel = lambda o, r: ((o.double() - r).norm() / r.norm()).item()  # noqa: E731
     for ctx in (4096, 16384, 65536, 131072):
@@ -135,6 +134,16 @@ def test_prefill_fp8_error_flat_with_context(head_dim):
             fa3_errs.append(rel(fa3, r32))
     print(f"head_dim {head_dim} relative L2 at 4k/16k/64k/128k: FIREATTN {errs}, never promoted {never_errs}, "
           f"FA3 FP8 {fa3_errs or 'not importable'}")
+    return errs, never_errs, fa3_errs
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_prefill_fp8_error_flat_with_context(head_dim):
+    """DESIGN.md numerics: the error stays flat from 4k to 128k keys, promoting every tile is no
+    worse than never promoting, and it does not regress past today's level against FA3 FP8 on the
+    same inputs (H200: 5-10% above FA3; issue 3's target, no worse than FA3, is the next test)."""
+    _head_dim_compiled(head_dim)
+    errs, never_errs, fa3_errs = _long_context_errors(head_dim)
     assert max(errs) <= 1.25 * min(errs), f"error grows with context: {errs}"
     for every, never in zip(errs, never_errs):
         assert every <= never * 1.001, f"promoting every tile {errs} worse than never {never_errs}"
@@ -143,6 +152,22 @@ def test_prefill_fp8_error_flat_with_context(head_dim):
             assert ours <= 1.12 * theirs, f"FIREATTN {errs} vs FA3 FP8 {fa3_errs} on the same inputs"
     else:
         assert max(errs) <= 0.028, f"relative L2 errors {errs} (FA3 FP8: 0.022-0.026 on these inputs)"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 3 target not met on the H200 (2026-11-22): relative L2 at "
+                   "4k..128k, head_dim 128: FIREATTN 0.0243-0.0272 vs FA3 FP8 0.0225-0.0258; head_dim 256: "
+                   "0.0247-0.0264 vs 0.0224-0.0247 (5-10% above; cause not found)")
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_prefill_fp8_error_no_worse_than_fa3(head_dim):
+    """Issue 3's accuracy target: no worse than vLLM FA3 FP8's error on the same inputs (2%
+    slack), or, without FA3, inside ANCHORS.md's 0.022-0.025."""
+    _head_dim_compiled(head_dim)
+    errs, _, fa3_errs = _long_context_errors(head_dim)
+    if fa3_errs:
+        for ours, theirs in zip(errs, fa3_errs):
+            assert ours <= 1.02 * theirs, f"FIREATTN {errs} worse than FA3 FP8 {fa3_errs} on the same inputs"
+    else:
+        assert max(errs) <= 0.025, f"relative L2 errors {errs} above FA3 FP8's 0.022-0.025 (ANCHORS.md)"
 
 
 def _fa3_fp8_prefill(batch, softmax_scale):
