@@ -53,8 +53,8 @@ def test_report_merges_a_directory_and_resumes_by_file(tmp_path):
         path = e2e.result_path(d, "llama31-8b", backend, "auto" if kv == "bf16" else kv, [])
         data = e2e.load_results(path)
         assert data["records"] == []
-        data["records"] = _sweep(backend, kv, slope, 6.0, 1e-7)
-        data["env"] = {"gpu": "NVIDIA H200", "vllm": "0.26.0", "commit": "abc"}
+        i = e2e.env_index(data, {"gpu": "NVIDIA H200", "vllm": "0.26.0", "commit": "abc"})
+        data["records"] = [dict(r, env_index=i) for r in _sweep(backend, kv, slope, 6.0, 1e-7)]
         e2e._save(path, data)
     assert e2e.result_path(d, "gemma3-12b-text", "FIREATTN", "fp8", ["sliding_window"]).name == \
         "gemma3-12b-text__FIREATTN__fp8__skip-sliding_window.json"
@@ -186,3 +186,134 @@ def test_wait_ready_fails_fast_when_the_server_exits_and_stop_ends_it():
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     stop_server(sleeper, timeout_s=10)
     assert sleeper.poll() is not None
+
+
+# ---- result files: one env per record, and merging results measured elsewhere ----
+
+ENV_A = {"gpu": "NVIDIA H200", "driver": "580.159.04", "vllm": "0.26.0", "commit": "aaa1111", "command": "run a"}
+ENV_B = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "590.1", "vllm": "0.26.0", "commit": "bbb2222", "command": "run b"}
+
+
+def _write(path, envs, records):
+    """A current-format result file; records' env_index taken from `envs` order (first if unset)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"envs": envs, "records": [dict({"env_index": 0}, **r) for r in records]}))
+    return path
+
+
+def test_old_format_is_read_as_one_env_and_converted_on_save(tmp_path):
+    path = tmp_path / "llama31-8b__FIREATTN__fp8.json"
+    path.write_text(json.dumps({"env": ENV_A, "records": _sweep("FIREATTN", "fp8", 2e-5, 6.0, 1e-7)}))
+    data = e2e.load_results(path)
+    assert data["envs"] == [ENV_A] and {r["env_index"] for r in data["records"]} == {0}
+    e2e._save(path, data)
+    saved = json.loads(path.read_text())
+    assert "env" not in saved and saved["envs"] == [ENV_A] and all(r["env_index"] == 0 for r in saved["records"])
+    assert not path.with_suffix(".tmp").exists()
+    assert e2e.load_results(tmp_path / "none.json") == {"envs": [], "records": []}
+
+
+def test_env_is_appended_once_and_only_when_it_differs():
+    data = {"envs": [], "records": []}
+    assert e2e.env_index(data, ENV_A) == 0 and e2e.env_index(data, dict(ENV_A)) == 0
+    assert e2e.env_index(data, dict(ENV_A, command="run a --reps 5")) == 1  # every field counts
+    assert e2e.env_index(data, ENV_A) == 0 and len(data["envs"]) == 2
+
+
+def test_resumed_runs_keep_each_records_environment(tmp_path, monkeypatch):
+    """The bug this format fixes: a later run (another machine or session) overwrote the env of the
+    records measured before it."""
+    from vllm_fireattn.bench import env
+
+    monkeypatch.setattr(e2e, "_engine", lambda *a, **k: object())
+    monkeypatch.setattr(e2e, "_timed", lambda *a, **k: 1.0)
+    monkeypatch.setattr(e2e, "_measure", lambda llm, prompt, output_len: (float(len(prompt)), 2.0, "fake"))
+
+    def sweep(lens, environment):
+        monkeypatch.setattr(env, "environment", lambda command: environment)
+        return e2e.run("llama31-8b", "FIREATTN", "fp8", [], tmp_path, ["sweep"], lens, 128, 1, 8, 1024, 64, 0.9, "c")
+
+    sweep([256, 1024], ENV_A)
+    sweep([256, 1024, 2048], ENV_B)
+    path = sweep([256, 1024, 2048, 4096], ENV_A)
+    data = e2e.load_results(path)
+    assert data["envs"] == [ENV_A, ENV_B]
+    assert [(r["input_len"], r["env_index"]) for r in data["records"]] == [(256, 0), (1024, 0), (2048, 1), (4096, 0)]
+
+
+def test_merge_adds_skips_and_replaces(tmp_path, capsys):
+    name = "llama31-8b__FIREATTN__fp8.json"
+    dest = _write(tmp_path / "dest" / name, [ENV_A], _sweep("FIREATTN", "fp8", 2e-5, 6.0, 1e-7, lens=(256, 1024)))
+    # measured elsewhere: 1024 again (other numbers), 2048 new, and a serve point; old format
+    src = tmp_path / "src" / name
+    src.parent.mkdir()
+    src.write_text(json.dumps({"env": ENV_B, "records": _sweep("FIREATTN", "fp8", 3e-5, 7.0, 1e-7, lens=(1024, 2048))
+                               + _serve("FIREATTN", "fp8", [(2.0, 1.9, 3000.0)])}))
+    e2e.main(["merge", str(src.parent), "--dir", str(dest.parent)])
+    assert "2 added, 1 skipped, 0 replaced" in capsys.readouterr().out
+    data = e2e.load_results(dest)
+    assert data["envs"] == [ENV_A, ENV_B]
+    got = {e2e.record_key(r): (r["env_index"], r.get("itl_ms")) for r in data["records"]}
+    assert got[("e2e_sweep", 1024)] == (0, pytest.approx(6.0 + 2e-5 * 1024))  # kept
+    assert got[("e2e_sweep", 2048)][0] == 1 and got[("e2e_serve", 2.0)] == (1, None)
+    # again: everything is there now
+    assert e2e.merge([src], dest.parent) == [dict(source=str(src), dest=str(dest), added=0, skipped=3, replaced=0)]
+    # --replace: the source's numbers win, and ENV_A goes once no record points at it
+    src2 = _write(tmp_path / "src2" / name, [ENV_B], _sweep("FIREATTN", "fp8", 3e-5, 7.0, 1e-7, lens=(256,)))
+    e2e.merge([src, src2], dest.parent, replace=True)
+    data = e2e.load_results(dest)
+    assert data["envs"] == [ENV_B] and {r["env_index"] for r in data["records"]} == {0}
+    assert len(data["records"]) == 4
+    assert {e2e.record_key(r): r.get("itl_ms") for r in data["records"]}[("e2e_sweep", 1024)] == \
+        pytest.approx(7.0 + 3e-5 * 1024)
+
+
+def test_merge_rejects_bad_input_and_writes_nothing(tmp_path):
+    dest = tmp_path / "dest"
+    good = _write(tmp_path / "src" / "llama31-8b__FIREATTN__fp8.json", [ENV_B],
+                  _sweep("FIREATTN", "fp8", 2e-5, 6.0, 1e-7))
+    wrong = _write(tmp_path / "src2" / "llama31-8b__FIREATTN__fp8.json", [ENV_B],  # FA3 BF16 numbers
+                   _sweep("FLASH_ATTN", "bf16", 2e-5, 6.0, 1e-7))
+    with pytest.raises(SystemExit, match="belongs in llama31-8b__FLASH_ATTN__auto.json"):
+        e2e.merge([good, wrong], dest)
+    skip = _write(tmp_path / "src3" / "llama31-8b__FIREATTN__fp8.json", [ENV_B],
+                  _sweep("FIREATTN", "fp8", 2e-5, 6.0, 1e-7, skip=["sliding_window"]))
+    with pytest.raises(SystemExit, match="__skip-sliding_window.json, not"):
+        e2e.merge([skip], dest)
+    with pytest.raises(SystemExit, match="no such file"):
+        e2e.merge([good, tmp_path / "missing.json"], dest)
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit, match="not an e2e result file"):
+        e2e.merge([good, tmp_path / "other.json"], dest)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no result JSONs"):
+        e2e.merge([tmp_path / "empty"], dest)
+    assert not dest.exists()
+
+
+def test_report_lists_every_environment_and_flags_mixed_models(tmp_path):
+    d = tmp_path / "e2e"
+    _write(e2e.result_path(d, "llama31-8b", "FLASH_ATTN", "auto", []), [ENV_A],
+           _sweep("FLASH_ATTN", "bf16", 4e-5, 6.0, 1e-7))
+    # one file, two sessions: sweep on ENV_A, serve later on ENV_B
+    _write(e2e.result_path(d, "llama31-8b", "FIREATTN", "fp8", []), [ENV_A, ENV_B],
+           _sweep("FIREATTN", "fp8", 2e-5, 6.0, 1e-7) + [dict(r, env_index=1) for r in
+                                                          _serve("FIREATTN", "fp8", [(1, 1.0, 1500.0)])])
+    gemma = [dict(r, model="gemma3-12b-text") for r in _sweep("FIREATTN", "fp8", 2e-5, 6.0, 1e-7)]
+    _write(e2e.result_path(d, "gemma3-12b-text", "FIREATTN", "fp8", []), [dict(ENV_A, command="run g")], gemma)
+    out = e2e.report(d, tmp_path / "r.md")
+    text = out.read_text()
+    header = text.splitlines()[2]
+    assert header.startswith("GPU: NVIDIA H100 80GB HBM3, NVIDIA H200; driver 580.159.04, 590.1; vLLM 0.26.0; "
+                             "commits aaa1111, bbb2222. Sources (commit): ")
+    assert "llama31-8b__FIREATTN__fp8.json` (aaa1111, bbb2222)" in header
+    assert ("Measured in 2 sessions, so ratios may mix machines or builds: commit aaa1111 gpu NVIDIA H200 driver "
+            "580.159.04 (FIREATTN fp8 sweep, FLASH_ATTN bf16 sweep), commit bbb2222 gpu NVIDIA H100 80GB HBM3 "
+            "driver 590.1 (FIREATTN fp8 serve).") in text
+    # gemma's file differs from ENV_A only in the command: one session, no line
+    gemma_section = text.split("## gemma3-12b-text")[1].split("## ")[0]
+    assert "Measured in" not in gemma_section
+    merged = json.loads(out.with_suffix(".json").read_text())
+    assert len(merged["envs"]) == 3  # ENV_A, ENV_A with gemma's command, ENV_B: distinct dicts
+    serve = [r for r in merged["records"] if r["bench"] == "e2e_serve"]
+    assert [merged["envs"][r["env_index"]] for r in serve] == [ENV_B]

@@ -1,6 +1,6 @@
 """python -m vllm_fireattn.bench {prefill,decode} [--quick] [--out FILE.json]
    python -m vllm_fireattn.bench plot FILE.json [--png FILE.png]
-   python -m vllm_fireattn.bench e2e {run,report} ...   (see vllm_fireattn/bench/e2e.py)"""
+   python -m vllm_fireattn.bench e2e {run,merge,report} ...   (see vllm_fireattn/bench/e2e.py)"""
 from __future__ import annotations
 
 import argparse

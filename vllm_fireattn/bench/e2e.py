@@ -1,11 +1,15 @@
 """End-to-end benchmark through vLLM: the method of vLLM's FP8 KV-cache study.
 
   python -m vllm_fireattn.bench e2e run --model llama31-8b --backend FIREATTN --kv fp8 [--skip-layers sliding_window]
+  python -m vllm_fireattn.bench e2e merge SRC_FILE_OR_DIR... [--dir benchmarks/results/e2e] [--replace]
   python -m vllm_fireattn.bench e2e report [--dir benchmarks/results/e2e] [--out docs/e2e_report.md]
 
 `run` measures one backend x KV dtype x model in one process (one engine; pieces fit a 10-minute
 GPU slot) and appends to `<dir>/<model>__<backend>__<kv>[__skip-...].json` after every point, so
-an interrupted run resumes where it stopped:
+an interrupted run resumes where it stopped. A file is {"envs": [...], "records": [...]}: each
+record's env_index points at the environment (GPU, driver, versions, commit, command) it was
+measured in, since one file's points may come from several machines and sessions (files with the
+older single "env" are read as one env and converted when next saved):
 - sweep: concurrency 1, input lengths 256..125k, fixed output length. One output_len-token
   request per rep: TTFT and ITL come from vLLM's per-request stats (first-token latency; last minus
   first token time over output_len - 1), or, where a vLLM build gives no stats, from wall clock (a
@@ -20,9 +24,13 @@ an interrupted run resumes where it stopped:
   `vllm bench serve` at each of --serve-rates; the report gives the requests/s sustained under
   each median end-to-end latency cutoff. Needs --serve-tokenizer (any tokenizer whose ids fit the
   model's vocabulary, e.g. SmolLM2's). It runs before the in-process engine of sweep/load.
+`merge` folds result files measured elsewhere (e.g. copied back from a GPU host; same file names)
+into the files of --dir, re-pointing their env_index; a point already there (same bench and input
+length, or request rate for serve) is skipped unless --replace. Bad input writes nothing.
 `report` merges every JSON of a directory and writes the markdown report (fits, ratios against
 FLASH_ATTN BF16, targets) plus PNG plots next to it: ITL = slope x input_len + intercept (least
 squares), TTFT = quadratic fit, break-even input length against BF16 of the same backend family.
+The header lists every GPU, driver and commit; a model measured in more than one session says so.
 
 Models are dummy-weight configs shipped in vllm_fireattn/bench/configs (no weights, no
 tokenizer: token-id prompts).
@@ -96,8 +104,47 @@ def result_path(out_dir: Path, model: str, backend: str, kv: str, skip_layers: l
     return Path(out_dir) / f"{name}.json"
 
 
+BENCHES = ("e2e_sweep", "e2e_load", "e2e_serve")
+
+
+def record_key(r: dict) -> tuple:
+    """What makes a record a duplicate within its file: `run` measures a key only once, `merge`
+    replaces by it. Serve points are per request rate, sweep and load points per input length."""
+    return (r["bench"], r.get("request_rate") if r["bench"] == "e2e_serve" else r.get("input_len"))
+
+
 def load_results(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {"env": {}, "records": []}
+    """{"envs": [env, ...], "records": [record with env_index into envs, ...]}; an empty one if
+    `path` does not exist. Files of the old format (one "env" for all records) are read as
+    envs=[env], env_index 0, and are converted by the next save. ValueError if not a result file."""
+    if not path.exists():
+        return {"envs": [], "records": []}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+        raise ValueError(f"{path}: not an e2e result file (no records list)")
+    envs = data.get("envs", [data["env"]] if isinstance(data.get("env"), dict) else None)
+    if not isinstance(envs, list) or not all(isinstance(e, dict) for e in envs):
+        raise ValueError(f"{path}: not an e2e result file (no env dict or envs list)")
+    records = []
+    for r in data["records"]:
+        if not isinstance(r, dict) or r.get("bench") not in BENCHES:
+            raise ValueError(f"{path}: not an e2e result file (record without a known bench: {r!r:.200})")
+        r = {**r, "env_index": r.get("env_index", 0)}
+        if not isinstance(r["env_index"], int) or not 0 <= r["env_index"] < len(envs):
+            raise ValueError(f"{path}: record {record_key(r)} has env_index {r['env_index']!r} but "
+                             f"{len(envs)} envs")
+        records.append(r)
+    return {"envs": envs, "records": records}
+
+
+def env_index(data: dict, env: dict) -> int:
+    """Index of `env` in data["envs"], appended if no stored env equals it (every field counts)."""
+    if env not in data["envs"]:
+        data["envs"].append(env)
+    return data["envs"].index(env)
 
 
 def _save(path: Path, data: dict) -> None:
@@ -123,12 +170,14 @@ def run(model: str, backend: str, kv: str, skip_layers: list[str], out_dir: Path
     load_input = min(load_input, max_pos - load_output - 16)
     path = result_path(out_dir, model, backend, kv, skip_layers)
     data = load_results(path)
-    data["env"] = environment(command)
+    # every record points at the environment it was measured in: pieces of one file may come from
+    # different machines and sessions
     base = dict(model=model, impl=IMPL_NAMES[backend], backend=backend, kv_dtype="bf16" if kv == "auto" else kv,
-                skip_layers=skip_layers)
-    done = {(r["bench"], r.get("input_len")) for r in data["records"]}
+                skip_layers=skip_layers, env_index=env_index(data, environment(command)))
+    done = {record_key(r) for r in data["records"]}
     if "serve" in kinds:
-        _run_serve(model, backend, kv, skip_layers, out_dir, path, data, base, gpu_memory_utilization, serve or {})
+        _run_serve(model, backend, kv, skip_layers, out_dir, path, data, done, base, gpu_memory_utilization,
+                   serve or {})
     todo = [n for n in input_lens if ("e2e_sweep", n) not in done] if "sweep" in kinds else []
     need_load = "load" in kinds and ("e2e_load", load_input) not in done
     if not todo and not need_load:
@@ -153,7 +202,8 @@ def run(model: str, backend: str, kv: str, skip_layers: list[str], out_dir: Path
     return path
 
 
-def _run_serve(model, backend, kv, skip_layers, out_dir, path, data, base, gpu_memory_utilization, serve: dict):
+def _run_serve(model, backend, kv, skip_layers, out_dir, path, data, done, base, gpu_memory_utilization,
+               serve: dict):
     from vllm_fireattn.bench import serve_budget
 
     if not serve.get("tokenizer"):
@@ -162,8 +212,7 @@ def _run_serve(model, backend, kv, skip_layers, out_dir, path, data, base, gpu_m
 
     vocab = json.loads((CONFIGS / model / "config.json").read_text()).get("vocab_size", 32000)
     serve_budget.check_tokenizer_fits(len(AutoTokenizer.from_pretrained(serve["tokenizer"])), vocab, model)
-    rates_done = {r["request_rate"] for r in data["records"] if r["bench"] == "e2e_serve"}
-    rates = [r for r in serve.get("rates", serve_budget.DEFAULT_RATES) if r not in rates_done]
+    rates = [r for r in serve.get("rates", serve_budget.DEFAULT_RATES) if ("e2e_serve", r) not in done]
     if not rates:
         return
 
@@ -174,6 +223,91 @@ def _run_serve(model, backend, kv, skip_layers, out_dir, path, data, base, gpu_m
     serve_budget.measure(CONFIGS / model, serve["tokenizer"], backend, kv, skip_layers, rates,
                          serve.get("input_len", 2048), serve.get("output_len", 256), serve.get("seconds", 30.0),
                          serve.get("port", 8765), gpu_memory_utilization, Path(out_dir) / "logs", keep)
+
+
+# ---- merging results measured elsewhere (CPU) ----------------------------------------------
+
+def _check_name(path: Path, data: dict) -> None:
+    """Each record's model, backend, KV dtype and skip layers must be those of the file name, or
+    `merge` would file it under the wrong variant."""
+    for r in data["records"]:
+        try:
+            kv = "auto" if r["kv_dtype"] == "bf16" else r["kv_dtype"]
+            want = result_path(path.parent, r["model"], r["backend"], kv, r.get("skip_layers") or []).name
+        except KeyError as e:
+            raise ValueError(f"{path}: record {record_key(r)} has no {e}") from None
+        if want != path.name:
+            raise ValueError(f"{path}: record {record_key(r)} belongs in {want}, not {path.name}")
+
+
+def _drop_unused_envs(data: dict) -> None:
+    """After replacements: forget environments no record points at any more, so the report does not
+    list a machine or commit whose numbers are gone."""
+    used = sorted({r["env_index"] for r in data["records"]})
+    new_index = {old: new for new, old in enumerate(used)}
+    data["envs"] = [data["envs"][i] for i in used]
+    for r in data["records"]:
+        r["env_index"] = new_index[r["env_index"]]
+
+
+def merge(sources: list[Path], dest_dir: Path, replace: bool = False) -> list[dict]:
+    """Merge result files measured elsewhere (files, or directories of them) into the same-named
+    files of `dest_dir`, one summary line per source file. Records whose key (record_key) is
+    already there are skipped, or replace the old record with `replace`. Every source is read and
+    checked before anything is written; bad input raises SystemExit."""
+    files = []
+    for src in map(Path, sources):
+        if src.is_dir():
+            found = sorted(src.glob("*.json"))
+            if not found:
+                raise SystemExit(f"merge: no result JSONs in {src}")
+            files += found
+        elif src.is_file():
+            files.append(src)
+        else:
+            raise SystemExit(f"merge: {src}: no such file or directory")
+    dests: dict[Path, dict] = {}
+    incoming = []
+    try:
+        for f in files:
+            dest = Path(dest_dir) / f.name
+            if dest.exists() and dest.resolve() == f.resolve():
+                raise ValueError(f"{f} is the destination file itself")
+            data = load_results(f)
+            _check_name(f, data)
+            if dest not in dests:
+                dests[dest] = load_results(dest)
+            incoming.append((f, data, dest))
+    except ValueError as e:
+        raise SystemExit(f"merge: {e}; nothing written") from None
+    summary, changed = [], set()
+    for f, src, dest in incoming:
+        dst = dests[dest]
+        where = {record_key(r): i for i, r in enumerate(dst["records"])}
+        counts, skipped = {"added": 0, "skipped": 0, "replaced": 0}, []
+        for r in src["records"]:
+            key = record_key(r)
+            if key in where and not replace:
+                counts["skipped"] += 1
+                skipped.append(f"{key[0].removeprefix('e2e_')} {key[1]}")
+                continue
+            r = dict(r, env_index=env_index(dst, src["envs"][r["env_index"]]))
+            if key in where:
+                dst["records"][where[key]] = r
+                counts["replaced"] += 1
+            else:
+                where[key] = len(dst["records"])
+                dst["records"].append(r)
+                counts["added"] += 1
+        if counts["added"] or counts["replaced"]:
+            changed.add(dest)
+        summary.append(dict(source=str(f), dest=str(dest), **counts))
+        print(f"{f} -> {dest}: {counts['added']} added, {counts['skipped']} skipped, {counts['replaced']} replaced"
+              + (f" (already there, --replace overwrites: {', '.join(skipped)})" if skipped else ""))
+    for dest in sorted(changed):
+        _drop_unused_envs(dests[dest])
+        _save(dest, dests[dest])
+    return summary
 
 
 # ---- analysis (pure Python, CPU) -----------------------------------------------------------
@@ -224,6 +358,11 @@ def break_even(fit: dict, ref: dict) -> float | None:
 
 def _variant(r: dict) -> tuple:
     return (r["model"], r["backend"], r["kv_dtype"], tuple(r.get("skip_layers") or ()))
+
+
+def _variant_label(r: dict) -> str:
+    """'FIREATTN fp8 skip sliding_window' for a record or fit record."""
+    return f"{r['backend']} {r['kv_dtype']}" + (f" skip {','.join(r['skip_layers'])}" if r.get("skip_layers") else "")
 
 
 def analyze(records: list[dict], cutoffs_ms=None) -> list[dict]:
@@ -320,17 +459,48 @@ def _fmt(x, spec=".2f", none="-"):
     return format(x, spec)
 
 
-def markdown(fits: list[dict], envs: list[dict], sources: list[str]) -> str:
+def _distinct(envs: list[dict], field: str) -> str:
+    return ", ".join(sorted({e.get(field) or "?" for e in envs})) or "?"
+
+
+# env fields that tell sessions apart in the report; "command" is left out: it differs per piece
+SESSION_FIELDS = ("commit", "gpu", "driver", "vllm", "torch", "cuda", "python")
+
+
+def sessions_line(records: list[dict], envs: list[dict]) -> str | None:
+    """One line naming the sessions (environments apart from the command) that one model's records
+    come from, with what each measured; None if only one."""
+    by_session: dict[tuple, dict[str, list[str]]] = {}
+    for r in records:
+        env = envs[r["env_index"]]
+        kinds = by_session.setdefault(tuple(env.get(k) for k in SESSION_FIELDS), {})
+        kind, variant = r["bench"].removeprefix("e2e_"), _variant_label(r)
+        if kind not in kinds.setdefault(variant, []):
+            kinds[variant].append(kind)
+    if len(by_session) < 2:
+        return None
+    # name each session by the fields that differ between them (the commit when none does)
+    differ = [i for i, _ in enumerate(SESSION_FIELDS) if len({s[i] for s in by_session}) > 1] or [0]
+    parts = [" ".join(f"{SESSION_FIELDS[i]} {s[i] or '?'}" for i in differ) + " ("
+             + ", ".join(f"{v} {'+'.join(k)}" for v, k in kinds.items()) + ")" for s, kinds in by_session.items()]
+    return f"Measured in {len(by_session)} sessions, so ratios may mix machines or builds: {', '.join(parts)}."
+
+
+def markdown(fits: list[dict], envs: list[dict], sources: dict[str, list[int]], records: list[dict]) -> str:
+    """`envs`: the distinct environments of all files; `sources`: file -> indices into envs;
+    `records`: the measured records, with env_index into envs."""
     lines = ["# End-to-end benchmark report (generated by `python -m vllm_fireattn.bench e2e report`)", ""]
     if not fits:
         return "\n".join(lines + ["No e2e results yet: run `python -m vllm_fireattn.bench e2e run ...` on a GPU.", ""])
-    gpus = sorted({e.get("gpu", "?") for e in envs})
-    lines += [f"GPU: {', '.join(gpus)}; vLLM {', '.join(sorted({e.get('vllm', '?') for e in envs}))}; "
-              f"commits {', '.join(sorted({e.get('commit', '?') or '?' for e in envs}))}. Sources (commit): "
-              + ", ".join(f"`{s}` ({e.get('commit') or '?'})" for s, e in zip(sources, envs)), ""]
+    lines += [f"GPU: {_distinct(envs, 'gpu')}; driver {_distinct(envs, 'driver')}; vLLM {_distinct(envs, 'vllm')}; "
+              f"commits {_distinct(envs, 'commit')}. Sources (commit): "
+              + ", ".join(f"`{s}` ({_distinct([envs[i] for i in ix], 'commit')})" for s, ix in sources.items()), ""]
     for model in sorted({f["model"] for f in fits}):
-        lines += [f"## {model}", "",
-                  "| backend | KV | skip | ITL slope (us/tok) | x FA3 BF16 | intercept (ms) | d intercept (ms) | "
+        lines += [f"## {model}", ""]
+        mixed = sessions_line([r for r in records if r["model"] == model], envs)
+        if mixed:
+            lines += [mixed, ""]
+        lines += ["| backend | KV | skip | ITL slope (us/tok) | x FA3 BF16 | intercept (ms) | d intercept (ms) | "
                   "TTFT@max (ms) | x FA3 BF16 | break-even vs FA3 BF16 (tok) | load (tok/s) | x FA3 BF16 |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for f in [f for f in fits if f["model"] == model]:
@@ -387,8 +557,7 @@ def plots(records: list[dict], fits: list[dict], out_dir: Path) -> list[Path]:
                 v = (model, f["backend"], f["kv_dtype"], tuple(f["skip_layers"]))
                 pts = sorted((r["input_len"], r[metric]) for r in records
                              if r["bench"] == "e2e_sweep" and _variant(r) == v)
-                label = f"{f['backend']} {f['kv_dtype']}" + (f" skip {','.join(f['skip_layers'])}" if f["skip_layers"] else "")
-                line = ax.plot(*zip(*pts), "o", label=label)[0]
+                line = ax.plot(*zip(*pts), "o", label=_variant_label(f))[0]
                 xs = [i * f["max_input_len"] / 50 for i in range(51)]
                 ys = ([f["itl_intercept_ms"] + f["itl_slope_ms_per_token"] * x for x in xs] if metric == "itl_ms"
                       else [ttft_at(f, x) for x in xs])
@@ -420,18 +589,20 @@ def plots(records: list[dict], fits: list[dict], out_dir: Path) -> list[Path]:
 
 
 def report(result_dir: Path, out: Path, cutoffs_ms=None) -> Path:
-    files = sorted(Path(result_dir).glob("*.json"))
-    records, envs = [], []
-    for f in files:
-        d = json.loads(f.read_text())
-        records += d.get("records", [])
-        envs.append(d.get("env", {}))
+    records, every = [], {"envs": []}  # the envs of all files, each once; env_index re-pointed into them
+    sources = {}
+    for f in sorted(Path(result_dir).glob("*.json")):
+        d = load_results(f)
+        ix = [env_index(every, e) for e in d["envs"]]
+        records += [dict(r, env_index=ix[r["env_index"]]) for r in d["records"]]
+        sources[str(f)] = ix
+    envs = every["envs"]
     fits = analyze(records, cutoffs_ms)
     out.parent.mkdir(parents=True, exist_ok=True)
     merged = out.with_suffix(".json")
-    merged.write_text(json.dumps({"env": envs, "records": records + fits}, indent=1))
+    merged.write_text(json.dumps({"envs": envs, "records": records + fits}, indent=1))
     plots(records, fits, out.parent)
-    out.write_text(markdown(fits, envs, [str(f) for f in files]) + "\n")
+    out.write_text(markdown(fits, envs, sources, records) + "\n")
     return out
 
 
@@ -464,9 +635,19 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("docs/e2e_report.md"))
     p.add_argument("--serve-cutoffs-ms", type=float, nargs="+", default=None,
                    help="median end-to-end latency budgets for the serve table (default 3000 5000 10000)")
+    m = sub.add_parser("merge", help="merge result JSONs measured elsewhere into the files of --dir")
+    m.add_argument("sources", type=Path, nargs="+", metavar="SRC_FILE_OR_DIR",
+                   help="result JSONs (<model>__<backend>__<kv>[__skip-...].json) or directories of them")
+    m.add_argument("--dir", type=Path, default=RESULT_DIR, help=f"the result directory to merge into ({RESULT_DIR})")
+    m.add_argument("--replace", action="store_true",
+                   help="a record already in --dir (same bench and input length or request rate) is replaced; "
+                        "default: skipped")
     a = ap.parse_args(argv)
     if a.cmd == "report":
         print(f"wrote {report(a.dir, a.out, a.serve_cutoffs_ms)}")
+        return
+    if a.cmd == "merge":
+        merge(a.sources, a.dir, a.replace)
         return
     if a.output_len < 2:
         ap.error("--output-len must be >= 2 (ITL needs two tokens)")
