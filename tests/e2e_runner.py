@@ -1,8 +1,9 @@
-"""Runs one vLLM engine configuration and prints a JSON result (used by test_vllm_e2e.py in a
-subprocess, so every configuration gets a clean process).
+"""Runs one vLLM engine configuration and prints a JSON result (used by test_vllm_e2e.py and
+test_tensor_parallel.py in a subprocess, so every configuration gets a clean process).
 
-Reports which attention impl each layer really uses (through LLM.apply_model), generated
-tokens and their logprobs, and prompt-token logprobs.
+Reports which attention impl each layer really uses (through LLM.apply_model; with tensor
+parallelism, every rank's layers and the q/k/v scales each FIREATTN layer hands its kernels),
+generated tokens and their logprobs, and prompt-token logprobs.
 """
 from __future__ import annotations
 
@@ -15,15 +16,22 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model t
 
 
 def _inspect_layers(model):
+    from vllm_fireattn.backend._compat import tensor_parallel_rank_and_size
+
+    rank = tensor_parallel_rank_and_size()[0]
     layers = []
     for name, module in model.named_modules():
         impl = getattr(module, "impl", None)
         if impl is not None and hasattr(module, "kv_cache_dtype"):
+            scales = impl._scales(module) if hasattr(impl, "_scales") else None  # FIREATTN's q/k/v scales
             layers.append({
                 "name": name,
                 "impl": f"{type(impl).__module__}.{type(impl).__qualname__}",
                 "kv_cache_dtype": module.kv_cache_dtype,
                 "sliding_window": getattr(impl, "sliding_window", None),
+                "tp_rank": rank,
+                "num_kv_heads": getattr(impl, "num_kv_heads", None),
+                "scales": None if scales is None else [s.float().flatten().tolist() for s in scales],
             })
     return layers
 
@@ -68,6 +76,8 @@ def main(argv=None) -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--top-logprobs", type=int, default=0, help="record the top-N logprobs of each step")
     ap.add_argument("--additional-config", help="vLLM --additional-config JSON (FIREATTN settings)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--skip-tokenizer-init", action="store_true", help="real weights, token-id prompts, no tokenizer")
     ap.add_argument("--hf-reference", action="store_true",
                     help="no vLLM: float32 transformers prompt logprobs for --prompt-token-ids")
     args = ap.parse_args(argv)
@@ -76,6 +86,12 @@ def main(argv=None) -> None:
         print("E2E_RESULT " + json.dumps({"outputs": _hf_prompt_logprobs(args.model, token_ids)}))
         return
 
+    if args.tensor_parallel_size > 1:
+        # All-reduce through NCCL only (with disable_custom_all_reduce below) and without NVLink
+        # multicast, which vLLM's symmetric-memory all-reduce and NCCL's NVLS can use and shared
+        # hosts keep off.
+        os.environ["VLLM_ALLREDUCE_USE_SYMM_MEM"] = "0"
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     from vllm import LLM, SamplingParams
 
     kwargs = dict(
@@ -93,6 +109,10 @@ def main(argv=None) -> None:
         kwargs["additional_config"] = json.loads(args.additional_config)
     if args.dummy:
         kwargs.update(load_format="dummy", skip_tokenizer_init=True)
+    if args.skip_tokenizer_init:
+        kwargs["skip_tokenizer_init"] = True
+    if args.tensor_parallel_size > 1:
+        kwargs.update(tensor_parallel_size=args.tensor_parallel_size, disable_custom_all_reduce=True)
     if args.graphs == "eager":
         kwargs["enforce_eager"] = True
     elif args.graphs == "full_decode":  # full CUDA graphs for decode, no torch.compile: quick to start
@@ -102,7 +122,7 @@ def main(argv=None) -> None:
         kwargs["speculative_config"] = {"method": "ngram", "num_speculative_tokens": args.spec_ngram,
                                         "prompt_lookup_max": 4, "prompt_lookup_min": 2}
     llm = LLM(**kwargs)
-    layers = llm.apply_model(_inspect_layers)[0]
+    layers_by_rank = llm.apply_model(_inspect_layers)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=args.top_logprobs,
                             ignore_eos=args.dummy,
                             prompt_logprobs=0 if args.prompt_logprobs else None)
@@ -117,7 +137,7 @@ def main(argv=None) -> None:
         item = {
             "prompt_token_ids": list(o.prompt_token_ids),
             "token_ids": list(c.token_ids),
-            "text": c.text if not args.dummy else None,
+            "text": c.text if not (args.dummy or args.skip_tokenizer_init) else None,
             "logprobs": [lp[tid].logprob for lp, tid in zip(c.logprobs, c.token_ids)],
         }
         if args.top_logprobs:
@@ -126,7 +146,8 @@ def main(argv=None) -> None:
             item["prompt_logprobs"] = [None if d is None else d[t].logprob
                                        for d, t in zip(o.prompt_logprobs, o.prompt_token_ids)]
         results.append(item)
-    print("E2E_RESULT " + json.dumps({"layers": layers, "outputs": results}))
+    print("E2E_RESULT " + json.dumps({"layers": layers_by_rank[0], "layers_by_rank": layers_by_rank,
+                                      "outputs": results}))
     sys.stdout.flush()
 
 

@@ -1,8 +1,16 @@
-"""Shared test helpers: synthetic paged batches and DESIGN.md's tolerance rule."""
+"""Shared test helpers: synthetic paged batches, DESIGN.md's tolerance rule, a FireAttnImpl built
+under given settings and tensor-parallel rank (CPU, vLLM's config faked), and run_engine (one vLLM
+engine in its own process through e2e_runner.py)."""
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -146,3 +154,32 @@ def assert_attention_close(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: 
     else:
         lowp_gap = (rlp - r32).abs().max().item()
         assert lowp_err <= lowp_gap + floor, f"max|out-ref_lowp| {lowp_err:.3e} > max|ref_lowp-ref_fp32| {lowp_gap:.3e}"
+
+
+def impl_with_settings(monkeypatch, additional_config, layers=2, kv_heads=4, head_dim=64, tp=(0, 1), kv_dtype="fp8"):
+    """A FireAttnImpl of tensor-parallel rank tp[0] of tp[1] (its share of `kv_heads`) under
+    --additional-config `additional_config`, for a model of `layers` layers."""
+    from vllm_fireattn.backend import backend as B
+
+    model_config = SimpleNamespace(hf_text_config=SimpleNamespace(num_hidden_layers=layers),
+                                   get_total_num_kv_heads=lambda: kv_heads, get_head_size=lambda: head_dim)
+    cfg = SimpleNamespace(additional_config=additional_config, model_config=model_config)
+    monkeypatch.setattr(B, "get_current_vllm_config_or_none", lambda: cfg)
+    monkeypatch.setattr(B, "tensor_parallel_rank_and_size", lambda: tp)
+    return B.FireAttnImpl(8, head_dim, 0.125, kv_heads // tp[1], None, None, kv_dtype)
+
+
+def attn_layer(index):
+    """The attention-layer attributes FireAttnImpl reads: vLLM's name (for the layer index) and
+    checkpoint scales of 3.0."""
+    return SimpleNamespace(layer_name=f"model.layers.{index}.self_attn.attn", _q_scale=torch.tensor(3.0),
+                           _k_scale=torch.tensor(3.0), _v_scale=torch.tensor(3.0))
+
+
+def run_engine(*args: str, env: dict | None = None, timeout: int = 900) -> dict:
+    """e2e_runner.py's JSON result for these arguments, run in a fresh process."""
+    cmd = [sys.executable, str(Path(__file__).parent / "e2e_runner.py"), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    found = [ln for ln in res.stdout.splitlines() if ln.startswith("E2E_RESULT ")]
+    assert res.returncode == 0 and found, f"engine failed ({res.returncode}):\n{res.stderr[-6000:]}"
+    return json.loads(found[-1][len("E2E_RESULT "):])

@@ -5,6 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import attn_layer as _layer
+from helpers import impl_with_settings as _impl_with_settings
 from helpers import make_paged_batch
 from vllm_fireattn import ops
 from vllm_fireattn import reference as ref
@@ -238,20 +240,6 @@ class _RecordingOps:
 
     def cache_write(self, key, value, kv_cache, slot_mapping, k_scale, v_scale):
         self.scales["cache_write"] = (k_scale, v_scale)
-
-
-def _impl_with_settings(monkeypatch, additional_config, layers=2, kv_heads=4, head_dim=64, tp=(0, 1), kv_dtype="fp8"):
-    model_config = SimpleNamespace(hf_text_config=SimpleNamespace(num_hidden_layers=layers),
-                                   get_total_num_kv_heads=lambda: kv_heads, get_head_size=lambda: head_dim)
-    cfg = SimpleNamespace(additional_config=additional_config, model_config=model_config)
-    monkeypatch.setattr(B, "get_current_vllm_config_or_none", lambda: cfg)
-    monkeypatch.setattr(B, "tensor_parallel_rank_and_size", lambda: tp)
-    return B.FireAttnImpl(8, head_dim, 0.125, kv_heads // tp[1], None, None, kv_dtype)
-
-
-def _layer(index):
-    return SimpleNamespace(layer_name=f"model.layers.{index}.self_attn.attn", _q_scale=torch.tensor(3.0),
-                           _k_scale=torch.tensor(3.0), _v_scale=torch.tensor(3.0))
 
 
 def test_calibrated_scales_reach_the_kernels(monkeypatch, tmp_path):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_engine
 from vllm_fireattn.bench.serve_budget import stop_server, wait_ready
 
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm_gpu]
@@ -37,14 +38,6 @@ IMPL = "vllm_fireattn.backend.backend.FireAttnImpl"
 # documented worst case), stays under FP8_MEAN_ABS_BOUND nats.
 FP8_MEAN_ABS_BOUND = 0.3
 NEAR_TIE_NATS = 0.25
-
-
-def run_engine(*args: str, env: dict | None = None, timeout: int = 900) -> dict:
-    cmd = [sys.executable, str(HERE / "e2e_runner.py"), *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
-    found = [ln for ln in res.stdout.splitlines() if ln.startswith("E2E_RESULT ")]
-    assert res.returncode == 0 and found, f"engine failed ({res.returncode}):\n{res.stderr[-6000:]}"
-    return json.loads(found[-1][len("E2E_RESULT "):])
 
 
 def _dummy_prompts(vocab: int = 30000) -> str:
