@@ -42,6 +42,15 @@
 
 namespace fireattn {
 
+// Development timing experiment only (wrong results; never set in a normal build): 1 = the
+// producer skips the V transpose, 2 = it also issues no K/V copies, so the consumers run on
+// whatever shared memory holds. Set through FIREATTN_NVCC_FLAGS=-DFIREATTN_PREFILL_PRODUCER_EXPERIMENT=N;
+// the difference to 0 is what the producer's work costs when it is on the critical path.
+#ifndef FIREATTN_PREFILL_PRODUCER_EXPERIMENT
+#define FIREATTN_PREFILL_PRODUCER_EXPERIMENT 0
+#endif
+constexpr int kProducerExperiment = FIREATTN_PREFILL_PRODUCER_EXPERIMENT;
+
 // kElem: cache bytes per element (1: FP8 e4m3 with FP8 MMAs; 2: a BF16/FP16 cache with 16-bit MMAs).
 template <int D, int kElem = 1>
 struct PrefillConfig {
@@ -322,7 +331,7 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
       const uint32_t k_dst = smem_addr(k_tile(st));
       const uint32_t v_dst = smem_addr(v_staging(st));
 #pragma unroll 4
-      for (int i = 0; i < kLoadIters; ++i) {
+      for (int i = 0; i < (kProducerExperiment >= 2 ? 0 : kLoadIters); ++i) {
         const int c = tid + i * Cfg::kProducerThreads;
         const int key = c / kParts, part = c % kParts;
         const int token = k0 + key;
@@ -351,7 +360,9 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
       mbar_wait(landed(st), (t / kStages) & 1);
       const uint8_t* src = v_staging(st);
       uint8_t* dst = vt_tile(st);
-      if constexpr (kFp8) {
+      if constexpr (kProducerExperiment >= 1) {
+        (void)src, (void)dst;
+      } else if constexpr (kFp8) {
         // Word w of a V^T row holds k-positions 4w..4w+3, which in the P fragment are the keys
         // {2u, 2u+1, 2u+8, 2u+9} (+16 for the upper half) of the step, u = (w % 8) % 4.
         constexpr int kVtTasks = kWords * (D / 16);  // a task: one V^T word column x 16 dims
