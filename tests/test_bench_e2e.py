@@ -317,3 +317,18 @@ def test_report_lists_every_environment_and_flags_mixed_models(tmp_path):
     assert len(merged["envs"]) == 3  # ENV_A, ENV_A with gemma's command, ENV_B: distinct dicts
     serve = [r for r in merged["records"] if r["bench"] == "e2e_serve"]
     assert [merged["envs"][r["env_index"]] for r in serve] == [ENV_B]
+
+
+def test_report_names_the_pieces_not_measured_yet():
+    """Each model section lists the backend x KV pieces the suite asks for that have no sweep or
+    load record (serve alone does not count); Gemma also expects FIREATTN FP8 with the skip policy."""
+    llama = (_sweep("FLASH_ATTN", "bf16", 4e-5, 6.0, 1e-7) + _sweep("FIREATTN", "fp8", 2e-5, 6.0, 1e-7)
+             + [_load("FLASHINFER", "fp8", 400.0)] + _serve("FLASHINFER", "bf16", [(1, 1.0, 1500.0)]))
+    assert e2e.missing_line("llama31-8b", llama) == ("Not measured yet: FIREATTN bf16, FLASH_ATTN fp8, "
+                                                      "FLASHINFER bf16.")
+    every = [dict(r, backend=b, kv_dtype=kv) for b in e2e.BACKENDS for kv in ("bf16", "fp8") for r in llama[:1]]
+    assert e2e.missing_line("llama31-8b", every) is None
+    gemma = [dict(r, model="gemma3-12b-text") for r in every]
+    assert e2e.missing_line("gemma3-12b-text", gemma) == "Not measured yet: FIREATTN fp8 skip sliding_window."
+    gemma.append(dict(gemma[0], backend="FIREATTN", kv_dtype="fp8", skip_layers=["sliding_window"]))
+    assert e2e.missing_line("gemma3-12b-text", gemma) is None

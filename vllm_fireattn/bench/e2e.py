@@ -30,7 +30,8 @@ length, or request rate for serve) is skipped unless --replace. Bad input writes
 `report` merges every JSON of a directory and writes the markdown report (fits, ratios against
 FLASH_ATTN BF16, targets) plus PNG plots next to it: ITL = slope x input_len + intercept (least
 squares), TTFT = quadratic fit, break-even input length against BF16 of the same backend family.
-The header lists every GPU, driver and commit; a model measured in more than one session says so.
+The header lists every GPU, driver and commit; a model measured in more than one session says so,
+and each model names the backend x KV pieces the suite asks for that it has no results for yet.
 
 Models are dummy-weight configs shipped in vllm_fireattn/bench/configs (no weights, no
 tokenizer: token-id prompts).
@@ -486,6 +487,27 @@ def sessions_line(records: list[dict], envs: list[dict]) -> str | None:
     return f"Measured in {len(by_session)} sessions, so ratios may mix machines or builds: {', '.join(parts)}."
 
 
+def expected_variants(model: str) -> list[tuple[str, str, tuple]]:
+    """The (backend, kv_dtype, skip_layers) pieces the suite asks for per model: every backend with
+    BF16 and FP8 KV, plus FIREATTN FP8 with the sliding-window layers kept BF16 where a model has them."""
+    out = [(b, kv, ()) for b in BACKENDS for kv in ("bf16", "fp8")]
+    if json.loads((CONFIGS / model / "config.json").read_text()).get("sliding_window"):
+        out.append(("FIREATTN", "fp8", ("sliding_window",)))
+    return out
+
+
+def missing_line(model: str, records: list[dict]) -> str | None:
+    """'Not measured yet: ...' for the expected pieces with no sweep/load record (serve is optional)."""
+    if model not in MODELS:
+        return None
+    have = {_variant(r)[1:] for r in records if r["model"] == model and r["bench"] in ("e2e_sweep", "e2e_load")}
+    missing = [v for v in expected_variants(model) if v not in have]
+    if not missing:
+        return None
+    return "Not measured yet: " + ", ".join(f"{b} {kv}" + (f" skip {','.join(skip)}" if skip else "")
+                                            for b, kv, skip in missing) + "."
+
+
 def markdown(fits: list[dict], envs: list[dict], sources: dict[str, list[int]], records: list[dict]) -> str:
     """`envs`: the distinct environments of all files; `sources`: file -> indices into envs;
     `records`: the measured records, with env_index into envs."""
@@ -500,6 +522,9 @@ def markdown(fits: list[dict], envs: list[dict], sources: dict[str, list[int]], 
         mixed = sessions_line([r for r in records if r["model"] == model], envs)
         if mixed:
             lines += [mixed, ""]
+        missing = missing_line(model, records)
+        if missing:
+            lines += [missing, ""]
         lines += ["| backend | KV | skip | ITL slope (us/tok) | x FA3 BF16 | intercept (ms) | d intercept (ms) | "
                   "TTFT@max (ms) | x FA3 BF16 | break-even vs FA3 BF16 (tok) | load (tok/s) | x FA3 BF16 |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
