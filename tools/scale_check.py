@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_fireattn.calibrate import through_e4m3
+from vllm_fireattn.calibrate import qkv_through_e4m3
 from vllm_fireattn.calibration import load
 from vllm_fireattn.reference.attention import attend
 
@@ -139,8 +139,7 @@ def main() -> None:
         seen[2, i] = torch.maximum(seen[2, i], q.abs().amax(dim=(0, 2, 3)).view(hkv, -1).amax(-1))
         if state["scales"] is not None:
             ks, vs, qs = (s[i] for s in state["scales"])
-            k, v = through_e4m3(k, ks), through_e4m3(v, vs)
-            q = through_e4m3(q, qs.repeat_interleave(q.shape[1] // hkv))
+            q, k, v = qkv_through_e4m3(q, k, v, qs, ks, vs)
             if a.p_e4m3:
                 assert q.shape[0] == 1 and q.shape[2] == k.shape[2], "one whole sequence per call"
                 return attend_p_e4m3(q, k, v, module.scaling, a.block_n)

@@ -123,7 +123,7 @@ def fp8_errors(model_dir: str | Path, prompts: list[list[int]], scale_sets: dict
     from transformers import AttentionInterface, AutoModelForCausalLM
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from vllm_fireattn.calibrate import through_e4m3
+    from vllm_fireattn.calibrate import qkv_through_e4m3
 
     state = {"scales": None}
     layers, hkv = SHAPE["num_hidden_layers"], SHAPE["num_key_value_heads"]
@@ -136,9 +136,8 @@ def fp8_errors(model_dir: str | Path, prompts: list[list[int]], scale_sets: dict
             saturated[module.layer_idx] = (a > FP8_MAX).float().mean(-1)
             subnormal[module.layer_idx] = (a < FP8_MIN_NORMAL).float().mean(-1)
         else:
-            i, group = module.layer_idx, q.shape[1] // k.shape[1]
-            k, v = through_e4m3(k, s["k"][i]), through_e4m3(v, s["v"][i])
-            q = through_e4m3(q, s["q"][i].repeat_interleave(group))
+            i = module.layer_idx
+            q, k, v = qkv_through_e4m3(q, k, v, s["q"][i], s["k"][i], s["v"][i])
         return sdpa_attention_forward(module, q, k, v, mask, **kw)
 
     AttentionInterface.register("fireattn_tp_model", attention)

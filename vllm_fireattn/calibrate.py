@@ -77,6 +77,14 @@ def through_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return dequantize_fp8(quantize_fp8(xt, scale), scale, torch.float32).to(x.dtype).transpose(1, 2)
 
 
+def qkv_through_e4m3(q, k, v, q_scale, k_scale, v_scale):
+    """Q, K, V [B, H, T, D] through an FP8 cache with per-KV-head scales [Hkv]; each query head
+    takes its KV head's scale (GQA groups are contiguous)."""
+    group = q.shape[1] // k.shape[1]
+    return (through_e4m3(q, q_scale.repeat_interleave(group)), through_e4m3(k, k_scale),
+            through_e4m3(v, v_scale))
+
+
 def _windows(tokenizer, files: list[str], seq_len: int, max_tokens: int) -> list[torch.Tensor]:
     ids: list[int] = []
     for f in files:
