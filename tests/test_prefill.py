@@ -72,7 +72,9 @@ def test_prefill_shapes(batch_name, heads, head_dim, fp8):
     _check(batch, sum(q_lens), softmax_scale=head_dim**-0.5)
 
 
-@pytest.mark.parametrize("block_size", [16, 32, 64])
+# 48: not a power of two (FIREATTN_PREFILL_TMA builds fall back to cp.async); 256: a page spans
+# two key tiles (TMA boxes start inside the page).
+@pytest.mark.parametrize("block_size", [16, 32, 48, 64, 256])
 @pytest.mark.parametrize("scale_mode", ["head", "tensor", "one"])
 def test_prefill_block_sizes_and_scales(block_size, scale_mode):
     _head_dim_compiled(128)
@@ -196,6 +198,23 @@ def test_prefill_fp8_ignores_nan_blocks_before_the_window():
     r32, rlp, _ = reference_outputs(batch, lowp="fp8_mma", emulation=dict(block_n=128, promote_every=1), **kw)
     for blk in range(768 // 16, 832 // 16):  # whole blocks inside the first tile [768, 896), all before 836
         batch.kv_cache[batch.block_table[0, blk].long()] = 0x7F  # e4m3 NaN
+    out, _ = _run(batch, **kw)
+    assert torch.isfinite(out[:64]).all()
+    assert_attention_close(out, r32, rlp, 64, lowp_exact=False)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_prefill_fp8_ignores_nan_keys_outside_the_range_in_loaded_pages(head_dim):
+    """The TMA producer (FIREATTN_PREFILL_TMA=1) loads whole pages: keys of the window's first
+    page before the window and keys past seq_len in the last page reach shared memory and must
+    not reach PV."""
+    _head_dim_compiled(head_dim)
+    batch = make_paged_batch([64], [1000], 8, 2, head_dim, fp8=True, seed=6)
+    kw = dict(softmax_scale=head_dim**-0.5, window_left=100)  # visible keys: [836, 1000)
+    block_n = 64 if head_dim == 256 else 128
+    r32, rlp, _ = reference_outputs(batch, lowp="fp8_mma", emulation=dict(block_n=block_n, promote_every=1), **kw)
+    batch.kv_cache[batch.block_table[0, 836 // 16].long(), :, :, : 836 % 16] = 0x7F  # e4m3 NaN, keys 832..835
+    batch.kv_cache[batch.block_table[0, 1000 // 16].long(), :, :, 1000 % 16 :] = 0x7F  # keys 1000..1007
     out, _ = _run(batch, **kw)
     assert torch.isfinite(out[:64]).all()
     assert_attention_close(out, r32, rlp, 64, lowp_exact=False)

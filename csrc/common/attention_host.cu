@@ -1,6 +1,13 @@
 // Host side shared by the attention ops: argument checks into AttentionParams, the compiled
 // head dims and the 'no kernel compiled' error.
 #include "common/attention_host.h"
+
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
+
+#include <cstdlib>
+#include <cstring>
+
+#include "common/tma_host.h"
 #include "common/torch_checks.h"
 #include "generated/configs.h"
 
@@ -66,6 +73,7 @@ AttentionParams make_attention_params(const char* op, at::Tensor& out, const at:
   p.kv.block_table = block_table.data_ptr<int32_t>();
   p.kv.block_table_stride = block_table.stride(0);
   p.kv.block_size = static_cast<int>(kv_cache.size(3));
+  p.kv.num_blocks = static_cast<int>(kv_cache.size(0));
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   p.seq_lens = seq_lens.data_ptr<int32_t>();
   p.q_scale_stride = scale_stride(q_scale, num_kv_heads, "q_scale");
@@ -95,6 +103,46 @@ AttentionParams make_attention_params(const char* op, at::Tensor& out, const at:
   p.num_q_heads = static_cast<int>(num_q_heads);
   p.num_kv_heads = static_cast<int>(num_kv_heads);
   return p;
+}
+
+bool encode_kv_tensor_map(CUtensorMap* map, const AttentionParams& p, int head_dim, int box_cols, int tile_keys) {
+  const PagedKV& kv = p.kv;
+  const int64_t bs = kv.block_size;
+  // Boxes must tile pages and tiles exactly and start 1024-byte aligned in the swizzled tile.
+  if (bs < 16 || (bs & (bs - 1)) != 0 || kv.num_blocks <= 0) return false;
+  // TMA: 16-byte aligned base and strides (a padded block stride may not be).
+  if (reinterpret_cast<uintptr_t>(kv.base) % 16 != 0 || kv.block_stride % 16 != 0 || head_dim % 16 != 0) return false;
+  // The row view needs compact (K/V, head, key) dims (check_kv_cache already requires them).
+  if (kv.token_stride != head_dim || kv.head_stride != bs * head_dim || kv.kv_stride != p.num_kv_heads * kv.head_stride)
+    return false;
+  static const bool disabled = [] {
+    const char* e = std::getenv("FIREATTN_DISABLE_TMA");
+    return e != nullptr && std::strcmp(e, "1") == 0;
+  }();
+  if (disabled) return false;
+  // The driver entry point without linking libcuda (the runtime hands out the driver's symbol).
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  if (encode == nullptr) return false;
+  // [num_blocks][2 * Hkv * block_size rows][head_dim bytes]; row = (kv * Hkv + head) * bs + key.
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(2 * p.num_kv_heads * bs),
+                              static_cast<cuuint64_t>(kv.num_blocks)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(kv.token_stride), static_cast<cuuint64_t>(kv.block_stride)};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_cols),
+                             static_cast<cuuint32_t>(bs < tile_keys ? bs : tile_keys), 1};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<uint8_t*>(kv.base), dims, strides, box,
+                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            box_cols == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
 }
 
 void fail_no_kernel(const char* op, int64_t head_dim, at::ScalarType qt, bool fp8) {

@@ -17,11 +17,14 @@ struct PagedKV {
   const int32_t* block_table;
   int64_t block_table_stride;  // elements between rows of the block table
   int block_size;
+  int num_blocks;  // the TMA producer's tensor map bound (fills the struct's tail padding)
 
   __device__ __forceinline__ const uint8_t* key_ptr(int seq, int head, int token) const {
     const int64_t block = block_table[seq * block_table_stride + token / block_size];
     return base + block * block_stride + head * head_stride + (token % block_size) * token_stride;
   }
 };
+// num_blocks sits in what was tail padding, so the kernels' parameter layout is unchanged.
+static_assert(sizeof(PagedKV) == 64, "PagedKV layout");
 
 }  // namespace fireattn

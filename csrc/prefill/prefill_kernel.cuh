@@ -28,7 +28,13 @@
 // P between threads, V^T's key order inside each 32-key step is permuted to match (sum over
 // keys does not care about their order). The 16-bit A fragment takes the accumulator's pairs as
 // they are, so 16-bit V^T keeps the natural key order.
+//
+// FIREATTN_PREFILL_TMA=1 (experiment, default 0 = the cp.async producer above, unchanged): FP8
+// caches load K and V by TMA instead, see "TMA producer" below. 16-bit caches keep cp.async.
 #pragma once
+#ifndef FIREATTN_PREFILL_TMA
+#define FIREATTN_PREFILL_TMA 0
+#endif
 #include <cuda_runtime.h>
 #include <math_constants.h>
 #include <stdint.h>
@@ -37,6 +43,13 @@
 
 #include "common/attention_params.h"
 #include "common/fp8.cuh"
+#if FIREATTN_PREFILL_TMA
+#include <cuda.h>  // CUtensorMap
+
+#include <cstring>
+
+#include "common/tma_host.h"
+#endif
 #include "common/row_tile.cuh"
 #include "generated/wgmma_fp8.h"
 
@@ -50,6 +63,25 @@ namespace fireattn {
 #define FIREATTN_PREFILL_PRODUCER_EXPERIMENT 0
 #endif
 constexpr int kProducerExperiment = FIREATTN_PREFILL_PRODUCER_EXPERIMENT;
+
+// TMA producer (FP8 caches only; compile-time, FIREATTN_NVCC_FLAGS=-DFIREATTN_PREFILL_TMA=1).
+// One tensor map views the cache as [num_blocks][2 * Hkv * block_size rows][D bytes] (the
+// inner dims are compact, so (K/V, head, key) is one row index; the block stride stays a
+// runtime stride). Per tile, lanes of producer warp 0 each take one box = one page slice of
+// min(block_size, kBlockN) keys (block_size >= 16, a power of two), read its block-table entry
+// and issue K and V (D 256: two 128-byte column boxes each) on the stage's `landed` barrier,
+// whose expected bytes lane 0 posts first. K lands in the K tile: TMA SWIZZLE_128B / 64B is
+// the same XOR of 16-byte chunk bits 4-6 / 4-5 with address bits 7-9 / 7-8 that KMajorTile
+// and the wgmma descriptor use (every box starts 1024-byte aligned). V lands in the same
+// layout in the staging tile, which the transpose reads instead of v_staging_offset.
+// Edge tiles: boxes cover only pages with keys in [kv_begin, kv_end), but whole pages, and a
+// tile's other rows keep stale bytes. K rows there only reach S columns that the mask replaces
+// by -inf (a select, so NaN garbage cannot leak); V rows would meet P = 0 in the MMA (0 * NaN
+// = NaN), so the producer zeroes the staging rows outside [kv_begin, kv_end) before it
+// transposes such a tile. The host falls back to the cp.async loads at run time (same staging
+// layout, zero-fill as before) when the map cannot be made: block_size not a power of two or
+// < 16, misaligned base or block stride, no driver entry point, or FIREATTN_DISABLE_TMA=1.
+constexpr bool kPrefillTma = FIREATTN_PREFILL_TMA != 0;
 
 // kElem: cache bytes per element (1: FP8 e4m3 with FP8 MMAs; 2: a BF16/FP16 cache with 16-bit MMAs).
 template <int D, int kElem = 1>
@@ -154,6 +186,24 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
       "r"(parity)
       : "memory");
 }
+#if FIREATTN_PREFILL_TMA
+// Arrives on `bar` and adds `bytes` to the transaction count the phase waits for.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// TMA tile load of the box at coordinates (c0, c1, c2) of `map` into shared memory `dst`;
+// completes `bytes` (the whole box, out-of-bounds parts zero-filled) on `bar`.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+#endif
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
 template <int N>
@@ -262,8 +312,21 @@ using WgmmaFor = std::conditional_t<kFp8, WgmmaFp8<N>,
                                     std::conditional_t<std::is_same_v<QT, __nv_bfloat16>, WgmmaBf16<N>, WgmmaF16<N>>>;
 
 template <typename QT, bool kFp8, int D, bool kEveryTile>
-__global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p, const int promote_every) {
+__global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p, const int promote_every
+#if FIREATTN_PREFILL_TMA
+                                                          ,
+                                                          const __grid_constant__ CUtensorMap kv_map, const int use_tma
+#endif
+) {
   constexpr int kElem = kFp8 ? 1 : 2;
+  // kTmaLayout: V staging in the K tile's layout (TMA's swizzle), read by the TMA transpose;
+  // tma: the loads are TMA (else cp.async into that layout, the host's run-time fallback).
+  constexpr bool kTmaLayout = kPrefillTma && kFp8;
+#if FIREATTN_PREFILL_TMA
+  const bool tma = kTmaLayout && kProducerExperiment < 2 && use_tma != 0;  // experiment 2 issues no loads
+#else
+  constexpr bool tma = false;
+#endif
   using Cfg = PrefillConfig<D, kElem>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int kPvN = Cfg::kPvN, kPvSlices = Cfg::kPvSlices;
@@ -305,7 +368,11 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
 
   if (threadIdx.x == 0) {
     for (int st = 0; st < kStages; ++st) {
-      mbar_init(landed(st), Cfg::kProducerThreads);
+      if constexpr (kTmaLayout) {
+        mbar_init(landed(st), tma ? 1 : Cfg::kProducerThreads);  // TMA: lane 0's arrive.expect_tx only
+      } else {
+        mbar_init(landed(st), Cfg::kProducerThreads);
+      }
       mbar_init(ready(st), Cfg::kProducerThreads);
       mbar_init(empty(st), Cfg::kThreads - Cfg::kProducerThreads);
     }
@@ -325,11 +392,70 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
     const int block_shift = (bs & (bs - 1)) == 0 ? __ffs(bs) - 1 : -1;
     const int32_t* btab = p.kv.block_table + seq * p.kv.block_table_stride;
     const uint8_t* head_base = p.kv.base + kv_head * p.kv.head_stride;
+#if FIREATTN_PREFILL_TMA
+    if constexpr (kTmaLayout) {
+      if (tma && tid == 0) prefetch_tensormap(&kv_map);
+    }
+#endif
     auto issue = [&](int t) {
       const int st = t % kStages;
       const int k0 = tile0 + t * kBlockN;
       const uint32_t k_dst = smem_addr(k_tile(st));
       const uint32_t v_dst = smem_addr(v_staging(st));
+#if FIREATTN_PREFILL_TMA
+      if constexpr (kTmaLayout) {
+        if (tma) {
+          // Boxes of min(block_size, kBlockN) keys (aligned, so one never crosses a page or the
+          // tile) overlapping [kv_begin, kv_end), one lane each (block_size >= 16: n <= 8 lanes).
+          if (warp == 0) {
+            constexpr int kTileShift = kBlockN == 128 ? 7 : 6;
+            static_assert((1 << kTileShift) == kBlockN, "kBlockN is 64 or 128");
+            const int box_shift = min(block_shift, kTileShift);
+            const int lo = max(k0, kv_begin), hi = min(k0 + kBlockN, kv_end);
+            const int first = lo >> box_shift, n = ((hi - 1) >> box_shift) - first + 1;
+            if (lane == 0) mbar_arrive_expect_tx(landed(st), static_cast<uint32_t>((n * 2 * kRowBytes) << box_shift));
+            __syncwarp();  // expected bytes posted before any copy can complete
+            if (lane < n) {
+              const int tok = (first + lane) << box_shift;
+              const int blk = btab[tok >> block_shift];
+              const int row = tok & (bs - 1);
+              const uint32_t key_off = static_cast<uint32_t>(tok - k0) * KTile::CW;
+              const int k_row = kv_head * bs + row, v_row = (p.num_kv_heads + kv_head) * bs + row;
+#pragma unroll
+              for (int c = 0; c < kRowBytes / KTile::CW; ++c) {
+                const uint32_t off = c * (kBlockN * KTile::CW) + key_off;
+                tma_load_3d(k_dst + off, &kv_map, landed(st), c * KTile::CW, k_row, blk);
+                tma_load_3d(v_dst + off, &kv_map, landed(st), c * KTile::CW, v_row, blk);
+              }
+            }
+            __syncwarp();
+          }
+          return;
+        }
+      }
+      if constexpr (kTmaLayout) {
+        // Run-time fallback: the loop below with V in the K tile's layout. Not unrolled: the
+        // unrolled loop's hoisted offsets spilled at the producer's 56 registers (head_dim 64).
+#pragma unroll 1
+        for (int i = 0; i < (kProducerExperiment >= 2 ? 0 : kLoadIters); ++i) {
+          const int c = tid + i * Cfg::kProducerThreads;
+          const int key = c / kParts, part = c % kParts;
+          const int token = k0 + key;
+          const bool valid = token >= kv_begin && token < kv_end;  // zero-fill: see below
+          const uint8_t* src = p.kv.base;
+          if (valid) {
+            const int blk = block_shift >= 0 ? token >> block_shift : token / bs;
+            const int off = block_shift >= 0 ? token & (bs - 1) : token % bs;
+            src = head_base + btab[blk] * p.kv.block_stride + off * p.kv.token_stride + part * 16;
+          }
+          const uint32_t sm = KTile::offset(key, part * 16);
+          cp_async16(k_dst + sm, src, valid);
+          cp_async16(v_dst + sm, valid ? src + p.kv.kv_stride : src, valid);
+        }
+        mbar_arrive_cp_async(landed(st));
+        return;
+      }
+#endif
 #pragma unroll 4
       for (int i = 0; i < (kProducerExperiment >= 2 ? 0 : kLoadIters); ++i) {
         const int c = tid + i * Cfg::kProducerThreads;
@@ -360,8 +486,60 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
       mbar_wait(landed(st), (t / kStages) & 1);
       const uint8_t* src = v_staging(st);
       uint8_t* dst = vt_tile(st);
+      if constexpr (kTmaLayout) {
+        // TMA brought whole pages (or nothing) for an edge tile's rows outside [kv_begin, kv_end).
+        const int k0 = tile0 + t * kBlockN;
+        const int lo = kv_begin - k0, hi = kv_end - k0;
+        if (tma && (lo > 0 || hi < kBlockN)) {
+          constexpr int kParts = kRowBytes / 16;
+#pragma unroll 1
+          for (int c = tid; c < kBlockN * kParts; c += Cfg::kProducerThreads) {
+            const int key = c / kParts, part = c % kParts;
+            if (key < lo || key >= hi)
+              *reinterpret_cast<uint4*>(v_staging(st) + KTile::offset(key, part * 16)) = make_uint4(0u, 0u, 0u, 0u);
+          }
+          named_barrier(3, Cfg::kProducerThreads);  // ids 1, 2: consumer warpgroups
+        }
+      }
       if constexpr (kProducerExperiment >= 1) {
         (void)src, (void)dst;
+      } else if constexpr (kTmaLayout) {
+        // The staging tile has the K tile's layout: 16-byte chunk c of key row r at physical
+        // chunk c ^ (r % 8) (128 B rows; D 256: two 128-byte column chunks), or for D 64 the
+        // 64 B swizzle, bank group = (r % 2) * 4 + (c ^ (r / 2 % 4)). A quarter-warp (8 lanes,
+        // the same dg, tt = 0..7) reading rows kbase = {2u, 16 + 2u} would hit only 4 bank
+        // groups (2-way conflict) in both layouts, because the 8 rows have one parity and only
+        // 4 values of r % 8. So lanes with tt >= 4 read their row pairs in the other order
+        // (k+1 before k, k+9 before k+8): one LDS.128 then covers rows {2u} and {16 + 2u + 1},
+        // i.e. r % 8 = {0, 2, 4, 6} and {1, 3, 5, 7} -> 8 distinct groups (D 64: parity bit
+        // differs, chunks c ^ u fill the 4 others). The prmt selectors undo the swap, so the
+        // V^T words are the same as the non-TMA transpose's; its stores are unchanged.
+        constexpr int kVtTasks = kWords * (D / 16);
+        static_assert(kWords % 8 == 0 && Cfg::kProducerThreads % kWords == 0, "tt = w % 8 = tid % 8");
+        const int swap = (tid >> 2) & 1;  // tt >= 4
+        const uint32_t sel_lo = swap ? 0x1504u : 0x5140u, sel_hi = swap ? 0x3726u : 0x7362u;
+#pragma unroll 1
+        for (int task = tid; task < kVtTasks; task += Cfg::kProducerThreads) {
+          const int w = task % kWords, dg = task / kWords;  // dims 16dg..16dg+15
+          const int step = w / 8, tt = w % 8, u = tt % 4;
+          const int kbase = step * 32 + (tt >= 4 ? 16 : 0) + 2 * u;
+          const uint4 r0 = *reinterpret_cast<const uint4*>(src + KTile::offset(kbase + swap, dg * 16));
+          const uint4 r1 = *reinterpret_cast<const uint4*>(src + KTile::offset(kbase + 1 - swap, dg * 16));
+          const uint4 r2 = *reinterpret_cast<const uint4*>(src + KTile::offset(kbase + 8 + swap, dg * 16));
+          const uint4 r3 = *reinterpret_cast<const uint4*>(src + KTile::offset(kbase + 9 - swap, dg * 16));
+          const uint32_t x0[4] = {r0.x, r0.y, r0.z, r0.w}, x1[4] = {r1.x, r1.y, r1.z, r1.w};
+          const uint32_t x2[4] = {r2.x, r2.y, r2.z, r2.w}, x3[4] = {r3.x, r3.y, r3.z, r3.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {  // as below; swapped lanes: 0x1504 / 0x3726 = 0x5140 / 0x7362 on (x1, x0)
+            const uint32_t t0 = prmt(x0[j], x1[j], sel_lo), t1 = prmt(x0[j], x1[j], sel_hi);
+            const uint32_t t2 = prmt(x2[j], x3[j], sel_lo), t3 = prmt(x2[j], x3[j], sel_hi);
+            const int d = dg * 16 + 4 * j;
+            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 0, 4 * w)) = prmt(t0, t2, 0x5410);
+            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 1, 4 * w)) = prmt(t0, t2, 0x7632);
+            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 2, 4 * w)) = prmt(t1, t3, 0x5410);
+            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 3, 4 * w)) = prmt(t1, t3, 0x7632);
+          }
+        }
       } else if constexpr (kFp8) {
         // Word w of a V^T row holds k-positions 4w..4w+3, which in the P fragment are the keys
         // {2u, 2u+1, 2u+8, 2u+9} (+16 for the upper half) of the step, u = (w % 8) % 4.
@@ -652,7 +830,18 @@ void launch_prefill(const AttentionParams& p, int max_query_len, int promote_eve
   }
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   const dim3 grid(tiles, p.num_seqs, p.num_kv_heads);
+#if FIREATTN_PREFILL_TMA
+  CUtensorMap kv_map;
+  std::memset(&kv_map, 0, sizeof(kv_map));
+  int use_tma = 0;
+  if constexpr (kFp8) {  // box = one K-tile column chunk (CW bytes) x min(block_size, kBlockN) keys
+    using KTile = KMajorTile<Cfg::kBlockN, Cfg::kRowBytes>;
+    use_tma = encode_kv_tensor_map(&kv_map, p, D, KTile::CW, Cfg::kBlockN) ? 1 : 0;
+  }
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, promote_every, kv_map, use_tma);
+#else
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, promote_every);
+#endif
 }
 
 }  // namespace fireattn
