@@ -63,6 +63,10 @@ namespace fireattn {
 #define FIREATTN_PREFILL_PRODUCER_EXPERIMENT 0
 #endif
 constexpr int kProducerExperiment = FIREATTN_PREFILL_PRODUCER_EXPERIMENT;
+// K / V ring depth of FP8 caches (development knob; 16-bit caches keep 3 to fit shared memory).
+#ifndef FIREATTN_PREFILL_STAGES
+#define FIREATTN_PREFILL_STAGES 3
+#endif
 
 // TMA producer (FP8 caches only; compile-time, FIREATTN_NVCC_FLAGS=-DFIREATTN_PREFILL_TMA=1).
 // One tensor map views the cache as [num_blocks][2 * Hkv * block_size rows][D bytes] (the
@@ -100,7 +104,7 @@ struct PrefillConfig {
   static constexpr int kBlockN = (D == 256 ? 64 : 128) / (kElem == 2 && D >= 128 ? 2 : 1);
   static constexpr int kPvN = D == 256 ? 64 : D;  // output columns per PV wgmma
   static constexpr int kPvSlices = D / kPvN;
-  static constexpr int kStages = 3;       // K / V ring depth
+  static constexpr int kStages = kElem == 1 ? FIREATTN_PREFILL_STAGES : 3;  // K / V ring depth
   static constexpr int kRowBytes = D * kElem;
   static constexpr int kKeysPerStep = 32 / kElem;  // keys of one PV k-step (32 bytes of V^T)
   static constexpr int kQBytes = kBlockM * kRowBytes;
@@ -110,6 +114,7 @@ struct PrefillConfig {
   static constexpr int kStageBytes = kKBytes + kVStageBytes + kVtBytes;
   static constexpr int kBarrierBytes = 3 * kStages * 8;
   static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + kBarrierBytes;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_90");
   static_assert(kQBytes % 1024 == 0 && kKBytes % 1024 == 0 && kVtBytes % 1024 == 0, "tiles must stay 1024-aligned");
 
   // V staging: key rows of D bytes, 16-byte chunk c of row r stored at chunk c ^ swizzle(r), so
@@ -135,6 +140,12 @@ struct KMajorTile {
     const uint32_t off = (byte / CW) * (R * CW) + row * CW + (byte % CW);
     return off ^ ((off >> 3) & kSwizzleMask);
   }
+  // offset(row, byte) written so that a row known at compile time modulo 8 folds into an
+  // immediate (R * CW is a multiple of 1024, so the column chunk does not touch the swizzle).
+  __device__ __forceinline__ static uint32_t row_offset(int row, int byte) {
+    const uint32_t sw = CW == 128 ? (row & 7) << 4 : (row & 6) << 3;
+    return (byte / CW) * (R * CW) + row * CW + ((byte % CW) ^ sw);
+  }
   // Descriptor of rows [row0, row0 + 64 or N) at k-step `kstep` (32 bytes each).
   __device__ __forceinline__ static uint64_t desc(uint32_t tile_smem, int row0, int kstep) {
     const uint32_t addr = tile_smem + (kstep * 32 / CW) * (R * CW) + row0 * CW + (kstep * 32) % CW;
@@ -145,6 +156,19 @@ struct KMajorTile {
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// Explicit shared-space accesses on 32-bit addresses: through a generic pointer the compiler
+// emitted 64-bit generic LD/ST (address arithmetic per access) for the V transpose.
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void sts128(uint32_t addr, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
 }
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
@@ -484,8 +508,8 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
     auto transpose = [&](int t) {
       const int st = t % kStages;
       mbar_wait(landed(st), (t / kStages) & 1);
-      const uint8_t* src = v_staging(st);
-      uint8_t* dst = vt_tile(st);
+      const uint32_t src = smem_addr(v_staging(st));
+      const uint32_t dst = smem_addr(vt_tile(st));
       if constexpr (kTmaLayout) {
         // TMA brought whole pages (or nothing) for an edge tile's rows outside [kv_begin, kv_end).
         const int k0 = tile0 + t * kBlockN;
@@ -496,7 +520,7 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
           for (int c = tid; c < kBlockN * kParts; c += Cfg::kProducerThreads) {
             const int key = c / kParts, part = c % kParts;
             if (key < lo || key >= hi)
-              *reinterpret_cast<uint4*>(v_staging(st) + KTile::offset(key, part * 16)) = make_uint4(0u, 0u, 0u, 0u);
+              sts128(smem_addr(v_staging(st)) + KTile::offset(key, part * 16), make_uint4(0u, 0u, 0u, 0u));
           }
           named_barrier(3, Cfg::kProducerThreads);  // ids 1, 2: consumer warpgroups
         }
@@ -523,10 +547,10 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
           const int w = task % kWords, dg = task / kWords;  // dims 16dg..16dg+15
           const int step = w / 8, tt = w % 8, u = tt % 4;
           const int kbase = step * 32 + (tt >= 4 ? 16 : 0) + 2 * u;
-          const uint4 r0 = *reinterpret_cast<const uint4*>(src + KTile::offset(kbase + swap, dg * 16));
-          const uint4 r1 = *reinterpret_cast<const uint4*>(src + KTile::offset(kbase + 1 - swap, dg * 16));
-          const uint4 r2 = *reinterpret_cast<const uint4*>(src + KTile::offset(kbase + 8 + swap, dg * 16));
-          const uint4 r3 = *reinterpret_cast<const uint4*>(src + KTile::offset(kbase + 9 - swap, dg * 16));
+          const uint4 r0 = lds128(src + KTile::offset(kbase + swap, dg * 16));
+          const uint4 r1 = lds128(src + KTile::offset(kbase + 1 - swap, dg * 16));
+          const uint4 r2 = lds128(src + KTile::offset(kbase + 8 + swap, dg * 16));
+          const uint4 r3 = lds128(src + KTile::offset(kbase + 9 - swap, dg * 16));
           const uint32_t x0[4] = {r0.x, r0.y, r0.z, r0.w}, x1[4] = {r1.x, r1.y, r1.z, r1.w};
           const uint32_t x2[4] = {r2.x, r2.y, r2.z, r2.w}, x3[4] = {r3.x, r3.y, r3.z, r3.w};
 #pragma unroll
@@ -534,10 +558,10 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
             const uint32_t t0 = prmt(x0[j], x1[j], sel_lo), t1 = prmt(x0[j], x1[j], sel_hi);
             const uint32_t t2 = prmt(x2[j], x3[j], sel_lo), t3 = prmt(x2[j], x3[j], sel_hi);
             const int d = dg * 16 + 4 * j;
-            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 0, 4 * w)) = prmt(t0, t2, 0x5410);
-            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 1, 4 * w)) = prmt(t0, t2, 0x7632);
-            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 2, 4 * w)) = prmt(t1, t3, 0x5410);
-            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 3, 4 * w)) = prmt(t1, t3, 0x7632);
+            sts32(dst + VtTile::row_offset(d + 0, 4 * w), prmt(t0, t2, 0x5410));
+            sts32(dst + VtTile::row_offset(d + 1, 4 * w), prmt(t0, t2, 0x7632));
+            sts32(dst + VtTile::row_offset(d + 2, 4 * w), prmt(t1, t3, 0x5410));
+            sts32(dst + VtTile::row_offset(d + 3, 4 * w), prmt(t1, t3, 0x7632));
           }
         }
       } else if constexpr (kFp8) {
@@ -549,10 +573,10 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
           const int w = task % kWords, dg = task / kWords;  // dims 16dg..16dg+15
           const int step = w / 8, tt = w % 8, u = tt % 4;
           const int kbase = step * 32 + (tt >= 4 ? 16 : 0) + 2 * u;
-          const uint4 r0 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase, dg));
-          const uint4 r1 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase + 1, dg));
-          const uint4 r2 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase + 8, dg));
-          const uint4 r3 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(kbase + 9, dg));
+          const uint4 r0 = lds128(src + Cfg::v_staging_offset(kbase, dg));
+          const uint4 r1 = lds128(src + Cfg::v_staging_offset(kbase + 1, dg));
+          const uint4 r2 = lds128(src + Cfg::v_staging_offset(kbase + 8, dg));
+          const uint4 r3 = lds128(src + Cfg::v_staging_offset(kbase + 9, dg));
           const uint32_t x0[4] = {r0.x, r0.y, r0.z, r0.w}, x1[4] = {r1.x, r1.y, r1.z, r1.w};
           const uint32_t x2[4] = {r2.x, r2.y, r2.z, r2.w}, x3[4] = {r3.x, r3.y, r3.z, r3.w};
 #pragma unroll
@@ -560,10 +584,10 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
             const uint32_t t0 = prmt(x0[j], x1[j], 0x5140), t1 = prmt(x0[j], x1[j], 0x7362);
             const uint32_t t2 = prmt(x2[j], x3[j], 0x5140), t3 = prmt(x2[j], x3[j], 0x7362);
             const int d = dg * 16 + 4 * j;
-            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 0, 4 * w)) = prmt(t0, t2, 0x5410);
-            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 1, 4 * w)) = prmt(t0, t2, 0x7632);
-            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 2, 4 * w)) = prmt(t1, t3, 0x5410);
-            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 3, 4 * w)) = prmt(t1, t3, 0x7632);
+            sts32(dst + VtTile::row_offset(d + 0, 4 * w), prmt(t0, t2, 0x5410));
+            sts32(dst + VtTile::row_offset(d + 1, 4 * w), prmt(t0, t2, 0x7632));
+            sts32(dst + VtTile::row_offset(d + 2, 4 * w), prmt(t1, t3, 0x5410));
+            sts32(dst + VtTile::row_offset(d + 3, 4 * w), prmt(t1, t3, 0x7632));
           }
         }
       } else {
@@ -573,14 +597,14 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
 #pragma unroll 1
         for (int task = tid; task < kVtTasks; task += Cfg::kProducerThreads) {
           const int w = task % kWords, dg = task / kWords;  // dims 8dg..8dg+7
-          const uint4 r0 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(2 * w, dg));
-          const uint4 r1 = *reinterpret_cast<const uint4*>(src + Cfg::v_staging_offset(2 * w + 1, dg));
+          const uint4 r0 = lds128(src + Cfg::v_staging_offset(2 * w, dg));
+          const uint4 r1 = lds128(src + Cfg::v_staging_offset(2 * w + 1, dg));
           const uint32_t x0[4] = {r0.x, r0.y, r0.z, r0.w}, x1[4] = {r1.x, r1.y, r1.z, r1.w};
 #pragma unroll
           for (int j = 0; j < 4; ++j) {  // dims 8dg + 2j, +1
             const int d = dg * 8 + 2 * j;
-            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 0, 4 * w)) = prmt(x0[j], x1[j], 0x5410);
-            *reinterpret_cast<uint32_t*>(dst + VtTile::offset(d + 1, 4 * w)) = prmt(x0[j], x1[j], 0x7632);
+            sts32(dst + VtTile::row_offset(d + 0, 4 * w), prmt(x0[j], x1[j], 0x5410));
+            sts32(dst + VtTile::row_offset(d + 1, 4 * w), prmt(x0[j], x1[j], 0x7632));
           }
         }
       }
@@ -627,7 +651,7 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
             w[j] = pack_e4m3x4(__fdiv_rn(to_float(h[4 * j]), q_scale), __fdiv_rn(to_float(h[4 * j + 1]), q_scale),
                                __fdiv_rn(to_float(h[4 * j + 2]), q_scale), __fdiv_rn(to_float(h[4 * j + 3]), q_scale));
         }
-        *reinterpret_cast<uint4*>(q_s + QTile::offset(r, piece * 16)) = make_uint4(w[0], w[1], w[2], w[3]);
+        sts128(smem_addr(q_s) + QTile::offset(r, piece * 16), make_uint4(w[0], w[1], w[2], w[3]));
       } else {  // 16-bit: the query as it is, 16 elements = 32 bytes
         uint4 raw[2] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u)};
         if (row < num_rows) {
@@ -636,8 +660,8 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
           raw[0] = src[0];
           raw[1] = src[1];
         }
-        *reinterpret_cast<uint4*>(q_s + QTile::offset(r, piece * 32)) = raw[0];
-        *reinterpret_cast<uint4*>(q_s + QTile::offset(r, piece * 32 + 16)) = raw[1];
+        sts128(smem_addr(q_s) + QTile::offset(r, piece * 32), raw[0]);
+        sts128(smem_addr(q_s) + QTile::offset(r, piece * 32 + 16), raw[1]);
       }
     }
     fence_proxy_async();
