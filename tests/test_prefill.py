@@ -72,7 +72,7 @@ def test_prefill_shapes(batch_name, heads, head_dim, fp8):
     _check(batch, sum(q_lens), softmax_scale=head_dim**-0.5)
 
 
-# 48: not a power of two (FIREATTN_PREFILL_TMA builds fall back to cp.async); 256: a page spans
+# 48: not a power of two (the TMA producer falls back to cp.async); 256: a page spans
 # two key tiles (TMA boxes start inside the page).
 @pytest.mark.parametrize("block_size", [16, 32, 48, 64, 256])
 @pytest.mark.parametrize("scale_mode", ["head", "tensor", "one"])
@@ -205,7 +205,7 @@ def test_prefill_fp8_ignores_nan_blocks_before_the_window():
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_prefill_fp8_ignores_nan_keys_outside_the_range_in_loaded_pages(head_dim):
-    """The TMA producer (FIREATTN_PREFILL_TMA=1) loads whole pages: keys of the window's first
+    """The TMA producer (head_dim 128/256) loads whole pages: keys of the window's first
     page before the window and keys past seq_len in the last page reach shared memory and must
     not reach PV."""
     _head_dim_compiled(head_dim)
