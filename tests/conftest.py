@@ -11,7 +11,7 @@ def _kernel_skip_reason() -> str | None:
 def pytest_collection_modifyitems(config, items):
     reason = None
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and item.get_closest_marker("cpu") is None:
             if reason is None:
                 reason = _kernel_skip_reason() or ""
             if reason:

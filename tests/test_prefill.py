@@ -1,5 +1,8 @@
 """GPU: ops.prefill vs the reference (DESIGN.md tolerance rule) over awkward shapes."""
 import functools
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,6 +234,16 @@ def test_prefill_fp16(fp8, head_dim):
         if "no kernel compiled" in str(e):
             pytest.skip("fp16 not compiled in this build")
         raise
+
+
+@pytest.mark.cpu
+def test_prefill_producer_index_math_offline():
+    """CPU: tools/tma_layout_check.py models the producer's TMA boxes, swizzles and both V
+    transposes (ldmatrix/stmatrix and LDS/STS) and asserts they write the same V^T."""
+    tool = Path(__file__).resolve().parents[1] / "tools" / "tma_layout_check.py"
+    res = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ldmatrix/stmatrix transpose writes the same V^T" in res.stdout
 
 
 def test_prefill_leaves_rows_outside_batch_untouched():

@@ -1,11 +1,9 @@
-"""Offline check of the FIREATTN_PREFILL_TMA=1 producer's index math (no GPU): that TMA's
-SWIZZLE_128B / 64B, as an XOR of smem address bits, puts page boxes exactly where KMajorTile::offset
-expects them (block sizes 16..256), that the TMA-layout V transpose (row pairs swapped on lanes
-with tt >= 4, prmt selectors 0x1504 / 0x3726) writes the same V^T words as the v_staging_offset
-transpose, and the LDS.128 bank conflicts of both (per quarter-warp). Mirrors
-csrc/prefill/prefill_kernel.cuh by hand: keep the two in step."""
-# Simulates the TMA staging layout, the TMA-path transpose and the old transpose; checks equality
-# of the V^T tile and bank conflicts of the transpose's LDS.128 (per quarter-warp).
+"""Offline check of the prefill producer's index math (no GPU): that TMA's SWIZZLE_128B / 64B,
+as an XOR of smem address bits, puts page boxes exactly where KMajorTile::offset expects them
+(block sizes 16..256); that the ldmatrix / stmatrix V transpose of the TMA layout (head_dim
+128/256) writes the same V^T words as the LDS / STS transpose of the v_staging_offset layout
+(head_dim 64 and 16-bit caches), with the bank conflicts of both; and the page boxes a tile
+issues. Mirrors csrc/prefill/prefill_kernel.cuh by hand: keep the two in step."""
 import random
 def ktile_offset(R, KB, row, byte):
     CW = min(KB, 128); mask = 0x70 if CW == 128 else 0x30
@@ -24,6 +22,60 @@ def prmt(a, b, sel):
     for i in range(4): r |= bs[(sel >> (4*i)) & 7] << (8*i)
     return r
 def word(buf, off): return int.from_bytes(bytes(buf[off:off+4]), 'little')
+# The ldmatrix / stmatrix transpose (head_dim 128/256, TMA layout): one warp-wide unit moves 16
+# keys x 32 dims. ldmatrix.x4 matrix m (rows from lanes 8m..8m+7): keys LD_KEYS[m % 2][r] of the
+# 16-key group, 16 dims (chunk m // 2); lane t receives row t // 4, bytes 4 (t % 4) .. +3. Byte
+# pairs (a, b) of the V^T order (b16 element r = keys (a_r, a_r + 1), a = 0, 8, 2, 10, ...) come
+# from matrices 0 / 1 (swapped on odd rows); X takes dims 4q + {0, 1} for q < 2 and 4q + {2, 3}
+# for q >= 2, Y the others, so each stmatrix phase hits 8 distinct 16-byte bank groups.
+# stmatrix.x4.trans writes fragment element (r, c) of matrix m to row c, b16 position r.
+LD_KEYS = ([0, 9, 2, 11, 4, 13, 6, 15], [1, 8, 3, 10, 5, 12, 7, 14])
+def x_dim(c, is_x):
+    q, e = c // 2, c % 2
+    lo = (q < 2) == is_x
+    return 4 * q + (0 if lo else 2) + e
+def lane_selectors(lane):
+    r, q = lane // 4, lane % 4
+    def sel(i, i2):  # element dims i, i2 of the lane's 4: bytes [a_i, b_i, a_i2, b_i2]
+        a, b = (0, 4) if r % 2 == 0 else (4, 0)
+        return (a + i) | (b + i) << 4 | (a + i2) << 8 | (b + i2) << 12
+    x = sel(0, 1) if q < 2 else sel(2, 3)
+    y = sel(2, 3) if q < 2 else sel(0, 1)
+    return x, y
+def run_matrix_transpose(D, N, staging):
+    vt, worst = {}, 1
+    groups = N // 16
+    for unit in range(groups * (D // 32)):
+        kg, dg = unit % groups, unit // groups
+        ld_addr = [ktile_offset(N, D, kg * 16 + LD_KEYS[(ln // 8) % 2][ln % 8], (dg * 2 + ln // 16) * 16) for ln in range(32)]
+        for m in range(4):
+            g = [(a >> 4) & 7 for a in ld_addr[8 * m:8 * m + 8]]
+            worst = max(worst, max(g.count(x) for x in g))
+        regs = [[word(staging, ld_addr[8 * m + ln // 4] + 4 * (ln % 4)) for m in range(4)] for ln in range(32)]
+        frag = []
+        for ln in range(32):
+            sx, sy = lane_selectors(ln)
+            r0, r1, r2, r3 = regs[ln]
+            frag.append([prmt(r0, r1, sx), prmt(r0, r1, sy), prmt(r2, r3, sx), prmt(r2, r3, sy)])
+        st_addr = []
+        for ln in range(32):
+            m, c = ln // 8, ln % 8
+            d = dg * 32 + (m // 2) * 16 + x_dim(c, m % 2 == 0)
+            st_addr.append(ktile_offset(D, N, d, kg * 16))
+        for m in range(4):
+            g = [(a >> 4) & 7 for a in st_addr[8 * m:8 * m + 8]]
+            worst = max(worst, max(g.count(x) for x in g))
+        rows = {}
+        for ln in range(32):  # element (r = ln // 4, c = 2 (ln % 4) + h) -> row c, b16 position r
+            for m in range(4):
+                for h in range(2):
+                    rows.setdefault((m, 2 * (ln % 4) + h), {})[ln // 4] = (frag[ln][m] >> (16 * h)) & 0xffff
+        for (m, c), elems in rows.items():
+            base = st_addr[8 * m + c]
+            data = b"".join(elems[r].to_bytes(2, "little") for r in range(8))
+            for w4 in range(4):
+                vt[base + 4 * w4] = int.from_bytes(data[4 * w4:4 * w4 + 4], "little")
+    return vt, worst
 for D in (64, 128, 256):
     N = 64 if D == 256 else 128
     CW = min(D, 128)
@@ -49,23 +101,17 @@ for D in (64, 128, 256):
             old[o:o+16] = V[r][16*ch:16*ch+16]
     kWords = N // 4
     VtR, VtKB = D, N
-    def run(path):
+    def run_lds_transpose():
         vt = {}
         banks = {}
         for tid in range(128):
-            swap = (tid >> 2) & 1
-            sel_lo, sel_hi = (0x1504, 0x3726) if (path == 'tma' and swap) else (0x5140, 0x7362)
+            sel_lo, sel_hi = 0x5140, 0x7362
             for task in range(tid, kWords * (D // 16), 128):
                 w, dg = task % kWords, task // kWords
                 step, tt = w // 8, w % 8; u = tt % 4
                 kbase = step * 32 + (16 if tt >= 4 else 0) + 2 * u
-                if path == 'tma':
-                    s = swap
-                    rows = [kbase + s, kbase + 1 - s, kbase + 8 + s, kbase + 9 - s]
-                    offs = [ktile_offset(N, D, r, dg * 16) for r in rows]; src = tma
-                else:
-                    rows = [kbase, kbase + 1, kbase + 8, kbase + 9]
-                    offs = [v_staging_offset(D, r, dg) for r in rows]; src = old
+                rows = [kbase, kbase + 1, kbase + 8, kbase + 9]
+                offs = [v_staging_offset(D, r, dg) for r in rows]; src = old
                 it = (task - tid) // 128
                 for li, o in enumerate(offs):
                     banks.setdefault((it, tid // 32, li, (tid % 32) // 8), []).append((o >> 4) & 7)
@@ -78,9 +124,12 @@ for D in (64, 128, 256):
                         vt[ktile_offset(VtR, VtKB, d + dd, 4 * w)] = val
         worst = max(max(g.count(x) for x in set(g)) for g in banks.values())
         return vt, worst
-    vt_old, w_old = run('old'); vt_new, w_new = run('tma')
-    assert vt_old == vt_new, D
-    print(f"D{D}: V^T identical; worst LDS.128 quarter-warp conflict: old {w_old}-way, tma {w_new}-way; TMA layout == KMajorTile for bs 16..256")
+    vt_old, w_old = run_lds_transpose()
+    print(f"D{D}: TMA layout == KMajorTile for bs 16..256; LDS transpose: worst LDS.128 quarter-warp conflict {w_old}-way")
+    if D >= 128:
+        vt_lsm, w_lsm = run_matrix_transpose(D, N, tma)
+        assert vt_lsm == vt_old, D
+        print(f"D{D}: ldmatrix/stmatrix transpose writes the same V^T; worst 8-row phase conflict {w_lsm}-way")
 
 # Page boxes of a tile (lanes of warp 0): cover [max(k0, kv_begin), min(k0 + N, kv_end)), stay inside
 # one page and the tile, start 16-key aligned, and only name pages holding a visible key.

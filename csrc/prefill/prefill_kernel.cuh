@@ -531,41 +531,38 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
       if constexpr (kProducerExperiment >= 1) {
         (void)src, (void)dst;
       } else if constexpr (kTmaLayout) {
-        // The staging tile has the K tile's layout: 16-byte chunk c of key row r at physical
-        // chunk c ^ (r % 8) (128 B rows; D 256: two 128-byte column chunks), or for D 64 the
-        // 64 B swizzle, bank group = (r % 2) * 4 + (c ^ (r / 2 % 4)). A quarter-warp (8 lanes,
-        // the same dg, tt = 0..7) reading rows kbase = {2u, 16 + 2u} would hit only 4 bank
-        // groups (2-way conflict) in both layouts, because the 8 rows have one parity and only
-        // 4 values of r % 8. So lanes with tt >= 4 read their row pairs in the other order
-        // (k+1 before k, k+9 before k+8): one LDS.128 then covers rows {2u} and {16 + 2u + 1},
-        // i.e. r % 8 = {0, 2, 4, 6} and {1, 3, 5, 7} -> 8 distinct groups (D 64: parity bit
-        // differs, chunks c ^ u fill the 4 others). The prmt selectors undo the swap, so the
-        // V^T words are the same as the non-TMA transpose's; its stores are unchanged.
-        constexpr int kVtTasks = kWords * (D / 16);
-        static_assert(kWords % 8 == 0 && Cfg::kProducerThreads % kWords == 0, "tt = w % 8 = tid % 8");
-        const int swap = (tid >> 2) & 1;  // tt >= 4
-        const uint32_t sel_lo = swap ? 0x1504u : 0x5140u, sel_hi = swap ? 0x3726u : 0x7362u;
-#pragma unroll 1
-        for (int task = tid; task < kVtTasks; task += Cfg::kProducerThreads) {
-          const int w = task % kWords, dg = task / kWords;  // dims 16dg..16dg+15
-          const int step = w / 8, tt = w % 8, u = tt % 4;
-          const int kbase = step * 32 + (tt >= 4 ? 16 : 0) + 2 * u;
-          const uint4 r0 = lds128(src + KTile::offset(kbase + swap, dg * 16));
-          const uint4 r1 = lds128(src + KTile::offset(kbase + 1 - swap, dg * 16));
-          const uint4 r2 = lds128(src + KTile::offset(kbase + 8 + swap, dg * 16));
-          const uint4 r3 = lds128(src + KTile::offset(kbase + 9 - swap, dg * 16));
-          const uint32_t x0[4] = {r0.x, r0.y, r0.z, r0.w}, x1[4] = {r1.x, r1.y, r1.z, r1.w};
-          const uint32_t x2[4] = {r2.x, r2.y, r2.z, r2.w}, x3[4] = {r3.x, r3.y, r3.z, r3.w};
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {  // as below; swapped lanes: 0x1504 / 0x3726 = 0x5140 / 0x7362 on (x1, x0)
-            const uint32_t t0 = prmt(x0[j], x1[j], sel_lo), t1 = prmt(x0[j], x1[j], sel_hi);
-            const uint32_t t2 = prmt(x2[j], x3[j], sel_lo), t3 = prmt(x2[j], x3[j], sel_hi);
-            const int d = dg * 16 + 4 * j;
-            sts32(dst + VtTile::row_offset(d + 0, 4 * w), prmt(t0, t2, 0x5410));
-            sts32(dst + VtTile::row_offset(d + 1, 4 * w), prmt(t0, t2, 0x7632));
-            sts32(dst + VtTile::row_offset(d + 2, 4 * w), prmt(t1, t3, 0x5410));
-            sts32(dst + VtTile::row_offset(d + 3, 4 * w), prmt(t1, t3, 0x7632));
-          }
+        // ldmatrix / stmatrix transpose (mirrored and checked offline by
+        // tools/tma_layout_check.py). A warp-wide unit moves 16 keys x 32 dims: ldmatrix.x4
+        // matrix m (row addresses from lanes 8m..8m+7) is 8 key rows x 16 dims, keys
+        // {0,9,2,11,4,13,6,15} (m even) or {1,8,3,10,5,12,7,14} (m odd) of the group, dims
+        // 16 (m / 2)..+15; lane l receives row l / 4, dims 4 (l % 4)..+3. prmt pairs the bytes
+        // into 16-bit elements (key a, key a + 1) of one dim, a = 0, 8, 2, 10, ... by fragment
+        // row (the P fragment's key order: word u = keys 2u, 2u+1, 2u+8, 2u+9), and
+        // stmatrix.x4.trans writes element (row r, col c) to V^T row c at 16-bit position r.
+        // The key sets and the X / Y dim split make every 8-row phase hit 8 distinct bank groups.
+        constexpr int kGroups = kBlockN / 16, kUnits = kGroups * (D / 32);
+        static_assert(kUnits % 4 == 0, "whole units per producer warp");
+        const int pwarp = tid / 32;
+        const int r8 = lane % 8, fr = lane / 4, q = lane % 4;
+        const int ld_key = (lane / 8) % 2 == 0 ? (r8 % 2 ? r8 + 8 : r8) : (r8 % 2 ? r8 + 7 : r8 + 1);
+        const int ld_byte = (lane / 16) * 16;
+        const uint32_t a = fr % 2 == 0 ? 0u : 4u, b = 4u - a;
+        auto sel = [&](uint32_t i, uint32_t i2) { return (a + i) | (b + i) << 4 | (a + i2) << 8 | (b + i2) << 12; };
+        const uint32_t sel_x = q < 2 ? sel(0, 1) : sel(2, 3), sel_y = q < 2 ? sel(2, 3) : sel(0, 1);
+        const int sq = r8 / 2, is_x = (lane / 8) % 2 == 0;
+        const int st_dim = (lane / 16) * 16 + 4 * sq + ((sq < 2) == is_x ? 0 : 2) + r8 % 2;
+#pragma unroll 2
+        for (int unit = pwarp; unit < kUnits; unit += 4) {
+          const int kg = unit % kGroups, dg = unit / kGroups;
+          uint32_t r0, r1, r2, r3;
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                       : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                       : "r"(src + KTile::row_offset(kg * 16 + ld_key, dg * 32 + ld_byte)));
+          asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                           dst + VtTile::row_offset(dg * 32 + st_dim, kg * 16)),
+                       "r"(prmt(r0, r1, sel_x)), "r"(prmt(r0, r1, sel_y)), "r"(prmt(r2, r3, sel_x)),
+                       "r"(prmt(r2, r3, sel_y))
+                       : "memory");
         }
       } else if constexpr (kFp8) {
         // Word w of a V^T row holds k-positions 4w..4w+3, which in the P fragment are the keys
