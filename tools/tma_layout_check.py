@@ -48,6 +48,10 @@ def run_matrix_transpose(D, N, staging):
     for unit in range(groups * (D // 32)):
         kg, dg = unit % groups, unit // groups
         ld_addr = [ktile_offset(N, D, kg * 16 + LD_KEYS[(ln // 8) % 2][ln % 8], (dg * 2 + ln // 16) * 16) for ln in range(32)]
+        for ln in range(32):  # the kernel's hoisted form of the same offsets
+            key = LD_KEYS[(ln // 8) % 2][ln % 8]
+            ld_x = ((ln // 16) * 16) ^ ((key % 8) << 4)
+            assert ld_addr[ln] == (kg * 16 + key) * 128 + (dg * 32 // 128) * (N * 128) + ((dg * 32 % 128) ^ ld_x)
         for m in range(4):
             g = [(a >> 4) & 7 for a in ld_addr[8 * m:8 * m + 8]]
             worst = max(worst, max(g.count(x) for x in g))
@@ -62,6 +66,9 @@ def run_matrix_transpose(D, N, staging):
             m, c = ln // 8, ln % 8
             d = dg * 32 + (m // 2) * 16 + x_dim(c, m % 2 == 0)
             st_addr.append(ktile_offset(D, N, d, kg * 16))
+            cw = min(N, 128); st_dim = d - dg * 32
+            st_sw = ktile_offset(D, N, st_dim, 0) - st_dim * cw
+            assert st_addr[-1] == st_dim * cw + dg * 32 * cw + ((kg * 16) ^ st_sw)
         for m in range(4):
             g = [(a >> 4) & 7 for a in st_addr[8 * m:8 * m + 8]]
             worst = max(worst, max(g.count(x) for x in g))

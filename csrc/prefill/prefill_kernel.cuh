@@ -400,7 +400,7 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
       } else {
         mbar_init(landed(st), Cfg::kProducerThreads);
       }
-      mbar_init(ready(st), Cfg::kProducerThreads);
+      mbar_init(ready(st), tma ? Cfg::kProducerThreads - 32 : Cfg::kProducerThreads);  // TMA: warps 1-3 transpose
       mbar_init(empty(st), Cfg::kThreads - Cfg::kProducerThreads);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -508,6 +508,12 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
     // word w of a V^T row holds k-positions 4w..4w+3, which in the P fragment are the keys
     // {2u, 2u+1, 2u+8, 2u+9} (+16 for the upper half) of the step, u = (w % 8) % 4.
     constexpr int kWords = kBlockN * kElem / 4;  // 32-bit words per V^T row
+    // TMA mode splits the roles: warp 0 waits for free stages and issues the loads, warps 1-3
+    // transpose (ready counts their 96 threads), so a stage's V^T never waits behind the next
+    // stage's `empty` (the slower consumer warpgroup): with one loop doing both, the leading
+    // warpgroup stalled on `ready` whenever the two drifted apart (ncu: 8% of consumer time).
+    const int tr_warp0 = tma ? 1 : 0, tr_warps = tma ? 3 : 4;
+    const int tr_tid = tid - 32 * tr_warp0, tr_threads = 32 * tr_warps;
     auto transpose = [&](int t) {
       const int st = t % kStages;
       mbar_wait(landed(st), (t / kStages) & 1);
@@ -520,12 +526,12 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
         if (tma && (lo > 0 || hi < kBlockN)) {
           constexpr int kParts = kRowBytes / 16;
 #pragma unroll 1
-          for (int c = tid; c < kBlockN * kParts; c += Cfg::kProducerThreads) {
+          for (int c = tr_tid; c < kBlockN * kParts; c += tr_threads) {
             const int key = c / kParts, part = c % kParts;
             if (key < lo || key >= hi)
               sts128(smem_addr(v_staging(st)) + KTile::offset(key, part * 16), make_uint4(0u, 0u, 0u, 0u));
           }
-          named_barrier(3, Cfg::kProducerThreads);  // ids 1, 2: consumer warpgroups
+          named_barrier(3, tr_threads);  // ids 1, 2: consumer warpgroups
         }
       }
       if constexpr (kProducerExperiment >= 1) {
@@ -540,26 +546,34 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
         // row (the P fragment's key order: word u = keys 2u, 2u+1, 2u+8, 2u+9), and
         // stmatrix.x4.trans writes element (row r, col c) to V^T row c at 16-bit position r.
         // The key sets and the X / Y dim split make every 8-row phase hit 8 distinct bank groups.
+        // Lane constants (hoisted out of the tile loop). Units u = (key group kg, 32-dim group
+        // dg) go round-robin over the transposing warps (32 units per tile at head_dim 128 and
+        // 256, so 3 warps get 11 / 11 / 10).
         constexpr int kGroups = kBlockN / 16, kUnits = kGroups * (D / 32);
-        static_assert(kUnits % 4 == 0, "whole units per producer warp");
-        const int pwarp = tid / 32;
-        const int r8 = lane % 8, fr = lane / 4, q = lane % 4;
+        const int r8 = lane % 8, q = lane % 4;
         const int ld_key = (lane / 8) % 2 == 0 ? (r8 % 2 ? r8 + 8 : r8) : (r8 % 2 ? r8 + 7 : r8 + 1);
-        const int ld_byte = (lane / 16) * 16;
-        const uint32_t a = fr % 2 == 0 ? 0u : 4u, b = 4u - a;
+        // K-tile layout (128-byte rows or column chunks, swizzle (row % 8) << 4): (group kg,
+        // dims 32 dg..) of the lane sits at (kg * 16 + ld_key) * 128 + column chunk +
+        // ((32 dg % 128) ^ ld_x), as the dims and the lane's 16-byte half have disjoint bits.
+        const uint32_t ld_x = (lane / 16) * 16 ^ (ld_key % 8) << 4;
+        const uint32_t a = (lane / 4) % 2 == 0 ? 0u : 4u, b = 4u - a;
         auto sel = [&](uint32_t i, uint32_t i2) { return (a + i) | (b + i) << 4 | (a + i2) << 8 | (b + i2) << 12; };
         const uint32_t sel_x = q < 2 ? sel(0, 1) : sel(2, 3), sel_y = q < 2 ? sel(2, 3) : sel(0, 1);
         const int sq = r8 / 2, is_x = (lane / 8) % 2 == 0;
         const int st_dim = (lane / 16) * 16 + 4 * sq + ((sq < 2) == is_x ? 0 : 2) + r8 % 2;
+        // V^T rows (dims) of VtTile::CW bytes, swizzled by the dim, whose value mod 8 is st_dim's.
+        const uint32_t st_sw = VtTile::row_offset(st_dim, 0) - st_dim * VtTile::CW;
+        const uint32_t ld_lane = src + ld_key * KTile::CW, st_lane = dst + st_dim * VtTile::CW;
 #pragma unroll 2
-        for (int unit = pwarp; unit < kUnits; unit += 4) {
-          const int kg = unit % kGroups, dg = unit / kGroups;
+        for (int u = warp - tr_warp0; u < kUnits; u += tr_warps) {
+          const int kg = u % kGroups, dg = u / kGroups;
           uint32_t r0, r1, r2, r3;
           asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                        : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                       : "r"(src + KTile::row_offset(kg * 16 + ld_key, dg * 32 + ld_byte)));
+                       : "r"(ld_lane + kg * 16 * KTile::CW + (dg * 32 / KTile::CW) * (kBlockN * KTile::CW) +
+                             ((dg * 32 % KTile::CW) ^ ld_x)));
           asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
-                           dst + VtTile::row_offset(dg * 32 + st_dim, kg * 16)),
+                           st_lane + dg * 32 * VtTile::CW + ((kg * 16) ^ st_sw)),
                        "r"(prmt(r0, r1, sel_x)), "r"(prmt(r0, r1, sel_y)), "r"(prmt(r2, r3, sel_x)),
                        "r"(prmt(r2, r3, sel_y))
                        : "memory");
@@ -611,6 +625,17 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
       fence_proxy_async();  // K (cp.async) and V^T (st.shared) -> visible to wgmma
       mbar_arrive(ready(st));
     };
+    if (tma) {
+      if (warp == 0) {
+        for (int t = 0; t < num_tiles; ++t) {
+          if (t >= kStages) mbar_wait(empty(t % kStages), (t / kStages - 1) & 1);
+          issue(t);
+        }
+      } else {
+        for (int t = 0; t < num_tiles; ++t) transpose(t);
+      }
+      return;
+    }
     for (int t = 0; t < num_tiles; ++t) {
       if (t >= kStages) mbar_wait(empty(t % kStages), (t / kStages - 1) & 1);
       issue(t);
