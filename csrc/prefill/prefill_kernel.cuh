@@ -19,9 +19,10 @@
 // (query token, query head of this kv head's group) pair, so a GQA group shares every K/V
 // byte. Warpgroup 0 is the producer: K into a swizzled K-major tile and V into a staging tile
 // (by TMA for FP8 caches at head_dim 128/256, see "TMA producer" below; by cp.async otherwise),
-// then V transposed in registers into the K-major V^T tile FP8 wgmma needs (FP8 wgmma has no
-// transposed-B mode; the 16-bit path uses the same V^T layout), a 3-stage mbarrier ring ahead
-// of the consumers.
+// then V transposed into the K-major V^T tile FP8 wgmma needs (FP8 wgmma has no transposed-B
+// mode; the 16-bit path uses the same V^T layout), a 4-stage (16-bit: 3) mbarrier ring ahead of
+// the consumers. With TMA, warp 0 only issues loads and warps 1-3 only transpose (ldmatrix /
+// stmatrix); otherwise all four do both in one loop (LDS / STS transpose).
 // Warpgroups 1 and 2 each own 64 rows: QK^T, online softmax, PV, promotion, epilogue.
 //
 // P goes to the PV wgmma straight from the QK accumulator registers: the FP8 A-fragment wants
