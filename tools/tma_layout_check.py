@@ -138,11 +138,43 @@ for D in (64, 128, 256):
         assert vt_lsm == vt_old, D
         print(f"D{D}: ldmatrix/stmatrix transpose writes the same V^T; worst 8-row phase conflict {w_lsm}-way")
 
+# 16-bit caches (TMA layout at every head_dim): ldmatrix.x4 of 8 keys x 8 dims matrices, m % 2 ->
+# keys +8, m // 2 -> dims +8; stmatrix.x4.trans writes them as V^T rows in natural key order.
+for D in (64, 128, 256):
+    N = {64: 128, 128: 64, 256: 32}[D]
+    RB = 2 * D
+    V = [[random.randrange(1 << 16) for _ in range(D)] for _ in range(N)]
+    staging = [0] * (N * RB)
+    for k in range(N):
+        for d in range(D):
+            o = ktile_offset(N, RB, k, 2 * d)
+            staging[o:o + 2] = V[k][d].to_bytes(2, "little")
+    vt = [None] * (D * 2 * N)
+    worst = 1
+    for u in range((N // 16) * (D // 16)):
+        kg, dg = u % (N // 16), u // (N // 16)
+        ld = [ktile_offset(N, RB, kg * 16 + (ln // 8 % 2) * 8 + ln % 8, dg * 32 + (ln // 16) * 16) for ln in range(32)]
+        st = [ktile_offset(D, 2 * N, dg * 16 + (ln // 16) * 8 + ln % 8, kg * 32 + (ln // 8 % 2) * 16) for ln in range(32)]
+        for addrs in (ld, st):
+            for m in range(4):
+                g = [(a >> 4) & 7 for a in addrs[8 * m:8 * m + 8]]
+                worst = max(worst, max(g.count(x) for x in g))
+        for m in range(4):  # matrix m: element (r, c) = staging row r, 16-bit column c -> V^T row c, position r
+            for r in range(8):
+                for c in range(8):
+                    val = staging[ld[8 * m + r] + 2 * c:ld[8 * m + r] + 2 * c + 2]
+                    vt[st[8 * m + c] + 2 * r:st[8 * m + c] + 2 * r + 2] = val
+    for k in range(N):
+        for d in range(D):
+            o = ktile_offset(D, 2 * N, d, 2 * k)
+            assert bytes(vt[o:o + 2]) == V[k][d].to_bytes(2, "little"), (D, k, d)
+    print(f"16-bit D{D}: ldmatrix/stmatrix.trans transpose gives V^T in natural key order; worst phase conflict {worst}-way")
+
 # Page boxes of a tile (lanes of warp 0): cover [max(k0, kv_begin), min(k0 + N, kv_end)), stay inside
 # one page and the tile, start 16-key aligned, and only name pages holding a visible key.
 
-for N in (64, 128):
-    tshift = 7 if N == 128 else 6
+for N in (32, 64, 128):
+    tshift = {32: 5, 64: 6, 128: 7}[N]
     for bs in (16, 32, 64, 128, 256, 512):
         bshift = bs.bit_length() - 1
         for _ in range(3000):

@@ -105,15 +105,15 @@ AttentionParams make_attention_params(const char* op, at::Tensor& out, const at:
   return p;
 }
 
-bool encode_kv_tensor_map(CUtensorMap* map, const AttentionParams& p, int head_dim, int box_cols, int tile_keys) {
+bool encode_kv_tensor_map(CUtensorMap* map, const AttentionParams& p, int row_bytes, int box_cols, int tile_keys) {
   const PagedKV& kv = p.kv;
   const int64_t bs = kv.block_size;
   // Boxes must tile pages and tiles exactly and start 1024-byte aligned in the swizzled tile.
   if (bs < 16 || (bs & (bs - 1)) != 0 || kv.num_blocks <= 0) return false;
   // TMA: 16-byte aligned base and strides (a padded block stride may not be).
-  if (reinterpret_cast<uintptr_t>(kv.base) % 16 != 0 || kv.block_stride % 16 != 0 || head_dim % 16 != 0) return false;
+  if (reinterpret_cast<uintptr_t>(kv.base) % 16 != 0 || kv.block_stride % 16 != 0 || row_bytes % 16 != 0) return false;
   // The row view needs compact (K/V, head, key) dims (check_kv_cache already requires them).
-  if (kv.token_stride != head_dim || kv.head_stride != bs * head_dim || kv.kv_stride != p.num_kv_heads * kv.head_stride)
+  if (kv.token_stride != row_bytes || kv.head_stride != bs * row_bytes || kv.kv_stride != p.num_kv_heads * kv.head_stride)
     return false;
   static const bool disabled = [] {
     const char* e = std::getenv("FIREATTN_DISABLE_TMA");
@@ -131,8 +131,8 @@ bool encode_kv_tensor_map(CUtensorMap* map, const AttentionParams& p, int head_d
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
   if (encode == nullptr) return false;
-  // [num_blocks][2 * Hkv * block_size rows][head_dim bytes]; row = (kv * Hkv + head) * bs + key.
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(2 * p.num_kv_heads * bs),
+  // [num_blocks][2 * Hkv * block_size rows][row_bytes]; row = (kv * Hkv + head) * bs + key.
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(row_bytes), static_cast<cuuint64_t>(2 * p.num_kv_heads * bs),
                               static_cast<cuuint64_t>(kv.num_blocks)};
   const cuuint64_t strides[2] = {static_cast<cuuint64_t>(kv.token_stride), static_cast<cuuint64_t>(kv.block_stride)};
   const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_cols),

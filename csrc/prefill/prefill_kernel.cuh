@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
   constexpr int kElem = kFp8 ? 1 : 2;
   // kTmaLayout: V staging in the K tile's layout (TMA's swizzle), read by the TMA transpose;
   // tma: the loads are TMA (else cp.async into that layout, the host's run-time fallback).
-  constexpr bool kTmaLayout = kPrefillTma && kFp8 && D >= 128;
+  constexpr bool kTmaLayout = kPrefillTma && (!kFp8 || D >= 128);  // FP8 head_dim 64 keeps cp.async
 #if FIREATTN_PREFILL_TMA
   const bool tma = kTmaLayout && kProducerExperiment < 2 && use_tma != 0;  // experiment 2 issues no loads
 #else
@@ -437,8 +437,8 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
           // Boxes of min(block_size, kBlockN) keys (aligned, so one never crosses a page or the
           // tile) overlapping [kv_begin, kv_end), one lane each (block_size >= 16: n <= 8 lanes).
           if (warp == 0) {
-            constexpr int kTileShift = kBlockN == 128 ? 7 : 6;
-            static_assert((1 << kTileShift) == kBlockN, "kBlockN is 64 or 128");
+            constexpr int kTileShift = kBlockN == 128 ? 7 : kBlockN == 64 ? 6 : 5;
+            static_assert((1 << kTileShift) == kBlockN, "kBlockN is 32, 64 or 128");
             const int box_shift = min(block_shift, kTileShift);
             const int lo = max(k0, kv_begin), hi = min(k0 + kBlockN, kv_end);
             const int first = lo >> box_shift, n = ((hi - 1) >> box_shift) - first + 1;
@@ -538,6 +538,27 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
       }
       if constexpr (kProducerExperiment >= 1) {
         (void)src, (void)dst;
+      } else if constexpr (kTmaLayout && !kFp8) {
+        // 16-bit: ldmatrix.x4 of four 8 keys x 8 dims matrices (keys 8 (m % 2).., dims 8 (m / 2)..
+        // of a 16 x 16 unit), stmatrix.x4.trans writes each as 8 V^T rows (dims) x 8 keys in
+        // the natural key order the 16-bit P fragment wants. Every 8-row phase hits 8 distinct
+        // 16-byte bank groups (rows differ mod 8 in both swizzled layouts).
+        constexpr int kGroups = kBlockN / 16, kUnits = kGroups * (D / 16);
+        const int m = lane / 8, r8 = lane % 8;
+        const int ld_key = (m % 2) * 8 + r8, ld_byte = (m / 2) * 16;  // + unit (16 kg keys, 32 dg bytes)
+        const int st_dim = (m / 2) * 8 + r8, st_byte = (m % 2) * 16;   // + unit (16 dg dims, 32 kg bytes)
+#pragma unroll 2
+        for (int u = warp - tr_warp0; u < kUnits; u += tr_warps) {
+          const int kg = u % kGroups, dg = u / kGroups;
+          uint32_t r0, r1, r2, r3;
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                       : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                       : "r"(src + KTile::row_offset(kg * 16 + ld_key, dg * 32 + ld_byte)));
+          asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                           dst + VtTile::row_offset(dg * 16 + st_dim, kg * 32 + st_byte)),
+                       "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+                       : "memory");
+        }
       } else if constexpr (kTmaLayout) {
         // ldmatrix / stmatrix transpose (mirrored and checked offline by
         // tools/tma_layout_check.py). A warp-wide unit moves 16 keys x 32 dims: ldmatrix.x4
@@ -885,9 +906,9 @@ void launch_prefill(const AttentionParams& p, int max_query_len, int promote_eve
   CUtensorMap kv_map;
   std::memset(&kv_map, 0, sizeof(kv_map));
   int use_tma = 0;
-  if constexpr (kFp8 && D >= 128) {  // box = one K-tile column chunk (CW bytes) x min(block_size, kBlockN) keys
+  if constexpr (kPrefillTma && (!kFp8 || D >= 128)) {  // box = one K-tile column chunk (CW bytes) x min(block_size, kBlockN) keys
     using KTile = KMajorTile<Cfg::kBlockN, Cfg::kRowBytes>;
-    use_tma = encode_kv_tensor_map(&kv_map, p, D, KTile::CW, Cfg::kBlockN) ? 1 : 0;
+    use_tma = encode_kv_tensor_map(&kv_map, p, Cfg::kRowBytes, KTile::CW, Cfg::kBlockN) ? 1 : 0;
   }
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, promote_every, kv_map, use_tma);
 #else
