@@ -18,7 +18,7 @@
 // Work split: one CTA (3 warpgroups, 128 rows) per (row tile, sequence, kv head). A row is a
 // (query token, query head of this kv head's group) pair, so a GQA group shares every K/V
 // byte. Warpgroup 0 is the producer: K into a swizzled K-major tile and V into a staging tile
-// (by TMA for FP8 caches at head_dim 128/256, see "TMA producer" below; by cp.async otherwise),
+// (by TMA, see "TMA producer" below, except FP8 caches at head_dim 64, which take cp.async),
 // then V transposed into the K-major V^T tile FP8 wgmma needs (FP8 wgmma has no transposed-B
 // mode; the 16-bit path uses the same V^T layout), a 4-stage (16-bit: 3) mbarrier ring ahead of
 // the consumers. With TMA, warp 0 only issues loads and warps 1-3 only transpose (ldmatrix /
@@ -34,7 +34,9 @@
 // FIREATTN_PREFILL_TMA (default 1): 0 builds the cp.async producer only (for A/B timing).
 // H200, 1 x 16k / 4 x 4k causal, same run, before the producer's roles were split: TMA 589 / 455
 // TFLOP/s at head_dim 128 and 600 / 488 at 256 against cp.async 461 / 385 and 459 / 394; at
-// head_dim 64 TMA measured 363 / 290 against cp.async 408 / 315, so head_dim 64 keeps cp.async.
+// head_dim 64 TMA measured 363 / 290 against cp.async 408 / 315, so FP8 head_dim 64 keeps
+// cp.async. 16-bit caches (BF16, 1 x 16k / 4 x 4k): TMA + split roles 349 / 287, 402 / 351 and
+// 364 / 333 at head_dim 64 / 128 / 256 against cp.async 234 / 201, 241 / 220 and 233 / 219.
 #pragma once
 #ifndef FIREATTN_PREFILL_TMA
 #define FIREATTN_PREFILL_TMA 1
@@ -73,12 +75,12 @@ constexpr int kProducerExperiment = FIREATTN_PREFILL_PRODUCER_EXPERIMENT;
 #define FIREATTN_PREFILL_STAGES 4
 #endif
 
-// TMA producer (FP8 caches at head_dim 128 and 256; FIREATTN_PREFILL_TMA=0 compiles it out).
-// One tensor map views the cache as [num_blocks][2 * Hkv * block_size rows][D bytes] (the
+// TMA producer (all caches but FP8 at head_dim 64; FIREATTN_PREFILL_TMA=0 compiles it out).
+// One tensor map views the cache as [num_blocks][2 * Hkv * block_size rows][row bytes] (the
 // inner dims are compact, so (K/V, head, key) is one row index; the block stride stays a
 // runtime stride). Per tile, lanes of producer warp 0 each take one box = one page slice of
 // min(block_size, kBlockN) keys (block_size >= 16, a power of two), read its block-table entry
-// and issue K and V (D 256: two 128-byte column boxes each) on the stage's `landed` barrier,
+// and issue K and V (rows over 128 bytes: one box per 128-byte column) on the stage's `landed` barrier,
 // whose expected bytes lane 0 posts first. K lands in the K tile: TMA SWIZZLE_128B / 64B is
 // the same XOR of 16-byte chunk bits 4-6 / 4-5 with address bits 7-9 / 7-8 that KMajorTile
 // and the wgmma descriptor use (every box starts 1024-byte aligned). V lands in the same
@@ -95,7 +97,7 @@ constexpr bool kPrefillTma = FIREATTN_PREFILL_TMA != 0;
 // kElem: cache bytes per element (1: FP8 e4m3 with FP8 MMAs; 2: a BF16/FP16 cache with 16-bit MMAs).
 template <int D, int kElem = 1>
 struct PrefillConfig {
-  // Warpgroup 0 loads (cp.async K and V, V transpose); warpgroups 1 and 2 compute 64 rows each.
+  // Warpgroup 0 loads K and V and transposes V; warpgroups 1 and 2 compute 64 rows each.
   static constexpr int kThreads = 384;
   static constexpr int kProducerThreads = 128;
   static constexpr int kBlockM = 128;
@@ -411,7 +413,7 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp < 4) {
-    // ======== Producer warpgroup: cp.async K and V into stage t % kStages, then V -> V^T.
+    // ======== Producer warpgroup: K and V into stage t % kStages (TMA or cp.async), then V -> V^T.
     setmaxnreg_dec<Cfg::kProducerRegs>();
     const int tid = threadIdx.x;
     constexpr int kParts = kRowBytes / 16;
