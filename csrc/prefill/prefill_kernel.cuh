@@ -177,6 +177,19 @@ __device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
 __device__ __forceinline__ void sts128(uint32_t addr, uint4 v) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
 }
+// Four 8 x 8 16-bit matrices: ldmatrix gives lane l row l / 4, columns 2 (l % 4), +1 of each;
+// stmatrix.trans writes that fragment element (r, c) to row c, column r. Lanes 8m..8m+7 give
+// the row addresses of matrix m.
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void stsm_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+}
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
@@ -552,14 +565,9 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
 #pragma unroll 2
         for (int u = warp - tr_warp0; u < kUnits; u += tr_warps) {
           const int kg = u % kGroups, dg = u / kGroups;
-          uint32_t r0, r1, r2, r3;
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                       : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                       : "r"(src + KTile::row_offset(kg * 16 + ld_key, dg * 32 + ld_byte)));
-          asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
-                           dst + VtTile::row_offset(dg * 16 + st_dim, kg * 32 + st_byte)),
-                       "r"(r0), "r"(r1), "r"(r2), "r"(r3)
-                       : "memory");
+          uint32_t r[4];
+          ldsm_x4(src + KTile::row_offset(kg * 16 + ld_key, dg * 32 + ld_byte), r);
+          stsm_x4_trans(dst + VtTile::row_offset(dg * 16 + st_dim, kg * 32 + st_byte), r[0], r[1], r[2], r[3]);
         }
       } else if constexpr (kTmaLayout) {
         // ldmatrix / stmatrix transpose (mirrored and checked offline by
@@ -592,16 +600,10 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
 #pragma unroll 2
         for (int u = warp - tr_warp0; u < kUnits; u += tr_warps) {
           const int kg = u % kGroups, dg = u / kGroups;
-          uint32_t r0, r1, r2, r3;
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                       : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                       : "r"(ld_lane + kg * 16 * KTile::CW + (dg * 32 / KTile::CW) * (kBlockN * KTile::CW) +
-                             ((dg * 32 % KTile::CW) ^ ld_x)));
-          asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
-                           st_lane + dg * 32 * VtTile::CW + ((kg * 16) ^ st_sw)),
-                       "r"(prmt(r0, r1, sel_x)), "r"(prmt(r0, r1, sel_y)), "r"(prmt(r2, r3, sel_x)),
-                       "r"(prmt(r2, r3, sel_y))
-                       : "memory");
+          uint32_t r[4];
+          ldsm_x4(ld_lane + kg * 16 * KTile::CW + (dg * 32 / KTile::CW) * (kBlockN * KTile::CW) + ((dg * 32 % KTile::CW) ^ ld_x), r);
+          stsm_x4_trans(st_lane + dg * 32 * VtTile::CW + ((kg * 16) ^ st_sw), prmt(r[0], r[1], sel_x), prmt(r[0], r[1], sel_y),
+                        prmt(r[2], r[3], sel_x), prmt(r[2], r[3], sel_y));
         }
       } else if constexpr (kFp8) {
         // Word w of a V^T row holds k-positions 4w..4w+3, which in the P fragment are the keys
