@@ -1,5 +1,6 @@
 """GPU: ops.prefill vs the reference (DESIGN.md tolerance rule) over awkward shapes."""
 import functools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,30 @@ def test_prefill_block_sizes_and_scales(block_size, scale_mode):
     batch = make_paged_batch(q_lens, seq_lens, 8, 2, 128, block_size=block_size, scale_mode=scale_mode,
                              block_pad_bytes=256, query_row_pad=3)
     _check(batch, sum(q_lens), softmax_scale=128**-0.5)
+
+
+# The producer per path: TMA boxes (FP8 at 128/256, 16-bit everywhere), cp.async (FP8 at 64), the
+# run-time cp.async fallback (48: no power of two); 256: pages longer than every key tile.
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("block_size", [16, 48, 256])
+def test_prefill_block_sizes_every_path(block_size, head_dim, fp8):
+    _head_dim_compiled(head_dim)
+    q_lens, seq_lens = [5, 63, 65], [block_size - 1 + 5, 63, block_size * 3 + 1 + 65]
+    batch = make_paged_batch(q_lens, seq_lens, 8, 2, head_dim, block_size=block_size, fp8=fp8,
+                             block_pad_bytes=256, seed=block_size + head_dim)
+    _check(batch, sum(q_lens), softmax_scale=head_dim**-0.5)
+
+
+def test_prefill_tma_disabled_fallback():
+    """FIREATTN_DISABLE_TMA=1 (read once per process) sends every TMA-eligible launch to the
+    cp.async fallback: rerun the shape tests of the long batch in a child process with it."""
+    env = dict(os.environ, FIREATTN_DISABLE_TMA="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                          "test_prefill_shapes and long"], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parent)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert " passed" in res.stdout, res.stdout[-500:]
 
 
 @pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
