@@ -500,6 +500,7 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
         return;
       }
 #endif
+      if constexpr (!kTmaLayout) {  // (TMA-layout tiles returned above)
 #pragma unroll 4
       for (int i = 0; i < (kProducerExperiment >= 2 ? 0 : kLoadIters); ++i) {
         const int c = tid + i * Cfg::kProducerThreads;
@@ -520,6 +521,7 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
         cp_async16(v_dst + Cfg::v_staging_offset(key, part), valid ? src + p.kv.kv_stride : src, valid);
       }
       mbar_arrive_cp_async(landed(st));
+      }
     };
     // V staging [key][D] -> V^T tile [D][kBlockN] (K-major, keys permuted per 32-key step):
     // word w of a V^T row holds k-positions 4w..4w+3, which in the P fragment are the keys
