@@ -109,6 +109,9 @@ struct PrefillConfig {
   // accumulator, its promotion slice, S and P fit in a consumer's registers.
   // 16-bit caches halve the keys per tile again so that the 3-stage ring fits shared memory.
   static constexpr int kBlockN = (D == 256 ? 64 : 128) / (kElem == 2 && D >= 128 ? 2 : 1);
+  // K/V by TMA into the K tile's layout (every cache but FP8 at head_dim 64, where cp.async was
+  // faster; see the header).
+  static constexpr bool kTmaLayout = kPrefillTma && (kElem == 2 || D >= 128);
   static constexpr int kPvN = D == 256 ? 64 : D;  // output columns per PV wgmma
   static constexpr int kPvSlices = D / kPvN;
   static constexpr int kStages = kElem == 1 ? FIREATTN_PREFILL_STAGES : 3;  // K / V ring depth
@@ -365,7 +368,7 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
   constexpr int kElem = kFp8 ? 1 : 2;
   // kTmaLayout: V staging in the K tile's layout (TMA's swizzle), read by the TMA transpose;
   // tma: the loads are TMA (else cp.async into that layout, the host's run-time fallback).
-  constexpr bool kTmaLayout = kPrefillTma && (!kFp8 || D >= 128);  // FP8 head_dim 64 keeps cp.async
+  constexpr bool kTmaLayout = PrefillConfig<D, kElem>::kTmaLayout;
 #if FIREATTN_PREFILL_TMA
   const bool tma = kTmaLayout && kProducerExperiment < 2 && use_tma != 0;  // experiment 2 issues no loads
 #else
@@ -477,31 +480,11 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
           return;
         }
       }
-      if constexpr (kTmaLayout) {
-        // Run-time fallback: the loop below with V in the K tile's layout. Not unrolled: the
-        // unrolled loop's hoisted offsets spilled at the producer's 56 registers (head_dim 64).
-#pragma unroll 1
-        for (int i = 0; i < (kProducerExperiment >= 2 ? 0 : kLoadIters); ++i) {
-          const int c = tid + i * Cfg::kProducerThreads;
-          const int key = c / kParts, part = c % kParts;
-          const int token = k0 + key;
-          const bool valid = token >= kv_begin && token < kv_end;  // zero-fill: see below
-          const uint8_t* src = p.kv.base;
-          if (valid) {
-            const int blk = block_shift >= 0 ? token >> block_shift : token / bs;
-            const int off = block_shift >= 0 ? token & (bs - 1) : token % bs;
-            src = head_base + btab[blk] * p.kv.block_stride + off * p.kv.token_stride + part * 16;
-          }
-          const uint32_t sm = KTile::offset(key, part * 16);
-          cp_async16(k_dst + sm, src, valid);
-          cp_async16(v_dst + sm, valid ? src + p.kv.kv_stride : src, valid);
-        }
-        mbar_arrive_cp_async(landed(st));
-        return;
-      }
 #endif
-      if constexpr (!kTmaLayout) {  // (TMA-layout tiles returned above)
-#pragma unroll 4
+      // cp.async, also the TMA layout's run-time fallback (V then lands in the K tile's layout).
+      // That one is not unrolled: the unrolled loop's hoisted offsets spilled at the producer's
+      // 56 registers (head_dim 64).
+#pragma unroll(kTmaLayout ? 1 : 4)
       for (int i = 0; i < (kProducerExperiment >= 2 ? 0 : kLoadIters); ++i) {
         const int c = tid + i * Cfg::kProducerThreads;
         const int key = c / kParts, part = c % kParts;
@@ -517,11 +500,12 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
           const int off = block_shift >= 0 ? token & (bs - 1) : token % bs;
           src = head_base + btab[blk] * p.kv.block_stride + off * p.kv.token_stride + part * 16;
         }
-        cp_async16(k_dst + KTile::offset(key, part * 16), src, valid);
-        cp_async16(v_dst + Cfg::v_staging_offset(key, part), valid ? src + p.kv.kv_stride : src, valid);
+        const uint32_t k_off = KTile::offset(key, part * 16);
+        cp_async16(k_dst + k_off, src, valid);
+        cp_async16(v_dst + (kTmaLayout ? k_off : Cfg::v_staging_offset(key, part)), valid ? src + p.kv.kv_stride : src,
+                   valid);
       }
       mbar_arrive_cp_async(landed(st));
-      }
     };
     // V staging [key][D] -> V^T tile [D][kBlockN] (K-major, keys permuted per 32-key step):
     // word w of a V^T row holds k-positions 4w..4w+3, which in the P fragment are the keys
@@ -548,7 +532,7 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
           for (int c = tr_tid; c < kBlockN * kParts; c += tr_threads) {
             const int key = c / kParts, part = c % kParts;
             if (key < lo || key >= hi)
-              sts128(smem_addr(v_staging(st)) + KTile::offset(key, part * 16), make_uint4(0u, 0u, 0u, 0u));
+              sts128(src + KTile::offset(key, part * 16), make_uint4(0u, 0u, 0u, 0u));
           }
           named_barrier(3, tr_threads);  // ids 1, 2: consumer warpgroups
         }
@@ -912,7 +896,7 @@ void launch_prefill(const AttentionParams& p, int max_query_len, int promote_eve
   CUtensorMap kv_map;
   std::memset(&kv_map, 0, sizeof(kv_map));
   int use_tma = 0;
-  if constexpr (kPrefillTma && (!kFp8 || D >= 128)) {  // box = one K-tile column chunk (CW bytes) x min(block_size, kBlockN) keys
+  if constexpr (Cfg::kTmaLayout) {  // box = one K-tile column chunk (CW bytes) x min(block_size, kBlockN) keys
     using KTile = KMajorTile<Cfg::kBlockN, Cfg::kRowBytes>;
     use_tma = encode_kv_tensor_map(&kv_map, p, Cfg::kRowBytes, KTile::CW, Cfg::kBlockN) ? 1 : 0;
   }
