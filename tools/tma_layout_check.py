@@ -1,9 +1,10 @@
 """Offline check of the prefill producer's index math (no GPU): that TMA's SWIZZLE_128B / 64B,
 as an XOR of smem address bits, puts page boxes exactly where KMajorTile::offset expects them
-(block sizes 16..256); that the ldmatrix / stmatrix V transpose of the TMA layout (head_dim
+(block sizes 16..256); that the FP8 ldmatrix / stmatrix V transpose of the TMA layout (head_dim
 128/256) writes the same V^T words as the LDS / STS transpose of the v_staging_offset layout
-(head_dim 64 and 16-bit caches), with the bank conflicts of both; and the page boxes a tile
-issues. Mirrors csrc/prefill/prefill_kernel.cuh by hand: keep the two in step."""
+(FP8 head_dim 64, and every cache in a FIREATTN_PREFILL_TMA=0 build), with the bank conflicts of
+both; that the 16-bit ldmatrix / stmatrix.trans transpose gives V^T in natural key order; and
+the page boxes a tile issues. Mirrors csrc/prefill/prefill_kernel.cuh by hand: keep the two in step."""
 import random
 def ktile_offset(R, KB, row, byte):
     CW = min(KB, 128); mask = 0x70 if CW == 128 else 0x30
