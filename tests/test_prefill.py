@@ -271,6 +271,34 @@ def test_prefill_producer_index_math_offline():
     assert "ldmatrix/stmatrix transpose writes the same V^T" in res.stdout
 
 
+@pytest.mark.cpu
+def test_sass_loop_mix_walks_the_common_path():
+    """CPU: tools/sass_loop_mix.py counts loop head .. fall-through softmax .. PV .. back branch,
+    skipping the other softmax variants (synthetic listing in cuobjdump's format)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import sass_loop_mix as tool
+
+    body = [("0000", "MOV R1, c[0x0][0x28]"),
+            ("0010", "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [R2], R3"),  # loop head
+            ("0020", "QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], RZ, !UPT"),
+            ("0030", "WARPGROUP.DEPBAR.LE gsb0, 0x0"),
+            ("0040", "@P0 BRA 0x90"),  # soft cap variant
+            ("0050", "FMNMX R4, R24, R25, !PT"),
+            ("0060", "MUFU.EX2 R5, R4"),
+            ("0070", "BRA 0xb0"),
+            ("0080", "FADD R6, R6, R7"),  # other variants: not on the path
+            ("0090", "MUFU.TANH R8, R9"),
+            ("00a0", "BRA 0xb0"),
+            ("00b0", "QGMMA.64x136x32.F32.E4M3.E4M3 R24, R100, gdesc[UR12], RZ, !UPT"),
+            ("00c0", "@!P1 BRA 0x10"),
+            ("00d0", "EXIT")]
+    listing = "Function : _ZN8fireattn14prefill_kernelI13__nv_bfloat16Lb1ELi128ELb1EEEv\n" + "\n".join(
+        f"        /*{a}*/                   {t} ;  /* 0x0 */" for a, t in body)
+    path = tool.loop_path(tool.kernel_instructions(listing))
+    assert [tool.opcode(t) for _, t in path] == ["SYNCS", "QGMMA", "WARPGROUP", "BRA", "FMNMX", "MUFU", "BRA",
+                                                 "QGMMA", "BRA"]
+
+
 def test_prefill_leaves_rows_outside_batch_untouched():
     _head_dim_compiled(128)
     batch = make_paged_batch([4, 6], [4, 20], 8, 2, 128, query_row_pad=5)

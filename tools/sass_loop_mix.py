@@ -1,0 +1,76 @@
+"""Instruction mix of one consumer iteration of the prefill kernel, read from its SASS.
+
+The FP8 prefill's consumer warpgroups are issue-bound (ncu, benchmarks/results/h200/README.md),
+so the number of instructions a consumer warp issues per key tile is a GPU-free proxy for a
+change's effect. This walks the SASS of the promote-every-tile kernel (`...Lb1EEE...`) and counts
+the instructions of one iteration on the common path (no mask, no soft cap):
+
+  loop head (the `ready` wait) .. the QK^T wgmma wait .. the fall-through softmax variant (the
+  kernel tests soft cap, then masking, and falls through to the plain variant) .. its jump to the
+  PV code .. the backward branch to the loop head.
+
+Conditional code after the join (other promotion modes at head_dim 256) is counted as well, so
+compare like with like (same head_dim, before/after a change). Static count; the loop has no
+inner loops on that path.
+
+    nvcc -c csrc/generated/prefill_bf16_fp8_d128.cu ... -gencode=arch=compute_90a,code=sm_90a -o k.o
+    cuobjdump -sass k.o > k.sass      # (cuobjdump ships with triton: triton/backends/nvidia/bin)
+    python tools/sass_loop_mix.py k.sass
+"""
+from __future__ import annotations
+
+import collections
+import re
+import sys
+
+_INSTR = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"\bBRA (?:!?U?P\w+, )?0x([0-9a-f]+)")
+
+
+def opcode(text: str) -> str:
+    return re.sub(r"^@!?U?P\w+ ", "", text).split()[0].split(".")[0]
+
+
+def kernel_instructions(sass: str, kernel_marker: str = "prefill_kernel") -> list[tuple[int, str]]:
+    """(address, text) of the first promote-every-tile prefill kernel in a cuobjdump listing."""
+    out, inside = [], False
+    for line in sass.splitlines():
+        if "Function : " in line:
+            name = line.split("Function : ")[1].strip()
+            inside = kernel_marker in name and "Lb1EEE" in name
+            if out and not inside:
+                break
+            continue
+        m = _INSTR.match(line)
+        if inside and m:
+            out.append((int(m.group(1), 16), m.group(2)))
+    if not out:
+        raise SystemExit(f"no {kernel_marker} (promote every tile) function in the listing")
+    return out
+
+
+def loop_path(ins: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    first_mma = next(i for i, (_, t) in enumerate(ins) if "GMMA" in t)
+    back = [(i, index[int(m.group(1), 16)]) for i, (a, t) in enumerate(ins)
+            if i > first_mma and (m := _BRANCH.search(t)) and int(m.group(1), 16) <= ins[first_mma][0]]
+    back_i, head_i = max(back)  # the consumer tile loop: last backward branch over the first wgmma
+    wait = next(i for i in range(first_mma, back_i) if "DEPBAR" in ins[i][1])
+    jump = next(i for i in range(wait + 1, back_i) if ins[i][1].startswith("BRA "))
+    join = index[int(_BRANCH.search(ins[jump][1]).group(1), 16)]
+    return ins[head_i:jump + 1] + ins[join:back_i + 1]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__)
+        return 2
+    path = loop_path(kernel_instructions(open(argv[1]).read()))
+    mix = collections.Counter(opcode(t) for _, t in path)
+    print(f"{len(path)} instructions per consumer iteration (common path)")
+    print(" ".join(f"{k}:{v}" for k, v in mix.most_common()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
