@@ -14,6 +14,8 @@ precision:
             accumulator promoted into an FP32 accumulator every `promote_every` tiles of
             `block_n` keys (two-level accumulation; promote_every=0 means never). With a
             BF16/FP16 cache (16-bit MMAs) P is rounded to the model dtype instead (`p_dtype`).
+            l_of_rounded_p: the row sums are those of the rounded P, accumulated with PV (row
+            sums on the tensor cores); else of P in FP32, as the prefill kernel does.
 
 Masks: bottom-right causal (query i of a sequence with q_len queries and seq_len keys sits at
 position seq_len - q_len + i and sees keys j <= position), sliding window (keys j >=
@@ -53,6 +55,7 @@ def attend(
     block_n: int = 128,
     mma_mantissa_bits: int | None = None,
     promote_every: int = 1,
+    l_of_rounded_p: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence: q [Lq, Hq, D], k/v [Lk, Hkv, D] (already dequantized, any float dtype).
 
@@ -80,7 +83,8 @@ def attend(
     if p_round is None and mma_mantissa_bits is None:
         out, lse = _softmax_pv(s, v, sink_logit)
     else:
-        out, lse = _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_bits, promote_every)
+        out, lse = _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_bits, promote_every,
+                                     l_of_rounded_p)
     return out.to(q.dtype), lse.to(q.dtype)
 
 
@@ -98,13 +102,15 @@ def _softmax_pv(s, v, sink_logit):
     return out, lse
 
 
-def _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_bits, promote_every):
+def _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_bits, promote_every,
+                      l_of_rounded_p=False):
     """Online softmax over key tiles, as the tensor-core prefill kernel computes it."""
     hq, lq, lk = s.shape
     m = torch.full((hq, lq), float("-inf"), dtype=s.dtype, device=s.device)
     l = torch.zeros_like(m)
     acc = torch.zeros(hq, lq, v.shape[-1], dtype=s.dtype, device=s.device)
     part = torch.zeros_like(acc)
+    l_part = torch.zeros_like(l)  # l_of_rounded_p: the sums' share of the tensor-core accumulator
     vh = v.permute(1, 0, 2)  # [Hq, Lk, D]
     num_tiles = -(-lk // block_n)
     for t in range(num_tiles):
@@ -113,18 +119,25 @@ def _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_
         m_use = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new)
         alpha = torch.exp(m - m_use)
         p = torch.exp(st - m_use[..., None])
-        l = l * alpha + p.sum(-1)
+        l = l * alpha
+        if not l_of_rounded_p:
+            l = l + p.sum(-1)
         if p_round is not None:  # the MMA's P: e4m3 for FP8 caches, the model dtype for 16-bit ones
             p = (p * p_scale).to(torch.float32).to(p_round).to(s.dtype) / p_scale
         acc = acc * alpha[..., None]
         part = part * alpha[..., None]
+        l_part = l_part * alpha
         vt = vh[:, t * block_n : (t + 1) * block_n]
         for k0 in range(0, st.shape[-1], 32):  # one MMA k-step
             part = part + p[..., k0 : k0 + 32] @ vt[:, k0 : k0 + 32]
+            if l_of_rounded_p:
+                l_part = l_part + p[..., k0 : k0 + 32].sum(-1)
             if mma_mantissa_bits is not None:
                 part = _truncate_mantissa(part, mma_mantissa_bits)
+                l_part = _truncate_mantissa(l_part, mma_mantissa_bits)
         if (promote_every > 0 and (t + 1) % promote_every == 0) or t == num_tiles - 1:
             acc, part = acc + part, torch.zeros_like(part)
+            l, l_part = l + l_part, torch.zeros_like(l_part)
         m = m_new
     if sink_logit is not None:
         m_new = torch.maximum(m, sink_logit)
