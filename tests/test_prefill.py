@@ -299,6 +299,23 @@ def test_sass_loop_mix_walks_the_common_path():
                                                  "QGMMA", "BRA"]
 
 
+@pytest.mark.cpu
+def test_fa3_p_probe_hypotheses_offline():
+    """CPU: tools/fa3_p_probe.py's one-hot V turns outputs into weights: the last query row sees
+    all 128 keys, so its weights sum to 1 for exact P and for l = sum of the rounded P, and not
+    exactly 1 for rounded P over an FP32 l."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import fa3_p_probe as probe
+
+    q, k, v = probe._inputs(128, seed=1)
+    hyp = probe._hypotheses(q, k, v, probe.D**-0.5)
+    last = {name: w[-1].sum(-1) for name, w in hyp.items()}  # [heads]
+    torch.testing.assert_close(last["exact P"], torch.ones_like(last["exact P"]))
+    rounded = last["e4m3 P*256, 128-key tiles, l = sum P8"]
+    torch.testing.assert_close(rounded, torch.ones_like(rounded), rtol=1e-12, atol=1e-12)
+    assert (last["e4m3 P*256, 128-key tiles, l = sum P (FP32)"] - 1).abs().max() > 1e-5
+
+
 def test_prefill_leaves_rows_outside_batch_untouched():
     _head_dim_compiled(128)
     batch = make_paged_batch([4, 6], [4, 20], 8, 2, 128, query_row_pad=5)
