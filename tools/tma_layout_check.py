@@ -10,6 +10,14 @@ def ktile_offset(R, KB, row, byte):
     CW = min(KB, 128); mask = 0x70 if CW == 128 else 0x30
     off = (byte // CW) * (R * CW) + row * CW + (byte % CW)
     return off ^ ((off >> 3) & mask)
+def ktile_offset_rowform(R, KB, row, byte):  # KMajorTile::offset as the kernel writes it
+    CW = min(KB, 128); sw = (row & 7) << 4 if CW == 128 else (row & 6) << 3
+    return (byte // CW) * (R * CW) + row * CW + ((byte % CW) ^ sw)
+for R in (32, 64, 72, 128, 136, 192, 256):
+    for KB in (64, 128, 256, 512):
+        assert all(ktile_offset(R, KB, r, b) == ktile_offset_rowform(R, KB, r, b)
+                   for r in range(R) for b in range(0, KB, 4)), (R, KB)
+print("KMajorTile::offset (row form) == the swizzle as an XOR of address bits, every tile shape")
 def tma_swz(addr, CW):  # TMA SWIZZLE_128B / 64B on (1024-aligned-base-relative) smem address
     if CW == 128: return addr ^ (((addr >> 7) & 7) << 4)
     return addr ^ (((addr >> 7) & 3) << 4)

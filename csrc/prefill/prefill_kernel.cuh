@@ -142,17 +142,14 @@ template <int R, int KB>
 struct KMajorTile {
   static constexpr int CW = KB < 128 ? KB : 128;
   static_assert(CW == 128 || CW == 64, "row chunks are 64 or 128 bytes");
-  static constexpr uint32_t kSwizzleMask = CW == 128 ? 0x70 : 0x30;
   static constexpr uint64_t kSwizzleMode = CW == 128 ? 1 : 2;  // descriptor bits 62-63
+  static_assert(R % 8 == 0, "R * CW must be a multiple of 1024 (whole swizzle atoms)");
 
   // Byte offset of (row, byte) inside the tile; `byte` multiple of 4 (stays inside a 16 B unit).
+  // The swizzle XORs 16-byte chunk bits 4-6 (4-5 for 64-byte rows) with address bits 7-9 (7-8),
+  // i.e. with the row (R * CW is a multiple of 1024, so the column chunk does not touch it);
+  // written on the row so that a row known at compile time modulo 8 folds into an immediate.
   __device__ __forceinline__ static uint32_t offset(int row, int byte) {
-    const uint32_t off = (byte / CW) * (R * CW) + row * CW + (byte % CW);
-    return off ^ ((off >> 3) & kSwizzleMask);
-  }
-  // offset(row, byte) written so that a row known at compile time modulo 8 folds into an
-  // immediate (R * CW is a multiple of 1024, so the column chunk does not touch the swizzle).
-  __device__ __forceinline__ static uint32_t row_offset(int row, int byte) {
     const uint32_t sw = CW == 128 ? (row & 7) << 4 : (row & 6) << 3;
     return (byte / CW) * (R * CW) + row * CW + ((byte % CW) ^ sw);
   }
@@ -552,8 +549,8 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
         for (int u = warp - tr_warp0; u < kUnits; u += tr_warps) {
           const int kg = u % kGroups, dg = u / kGroups;
           uint32_t r[4];
-          ldsm_x4(src + KTile::row_offset(kg * 16 + ld_key, dg * 32 + ld_byte), r);
-          stsm_x4_trans(dst + VtTile::row_offset(dg * 16 + st_dim, kg * 32 + st_byte), r[0], r[1], r[2], r[3]);
+          ldsm_x4(src + KTile::offset(kg * 16 + ld_key, dg * 32 + ld_byte), r);
+          stsm_x4_trans(dst + VtTile::offset(dg * 16 + st_dim, kg * 32 + st_byte), r[0], r[1], r[2], r[3]);
         }
       } else if constexpr (kTmaLayout) {
         // ldmatrix / stmatrix transpose (mirrored and checked offline by
@@ -581,7 +578,7 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
         const int sq = r8 / 2, is_x = (lane / 8) % 2 == 0;
         const int st_dim = (lane / 16) * 16 + 4 * sq + ((sq < 2) == is_x ? 0 : 2) + r8 % 2;
         // V^T rows (dims) of VtTile::CW bytes, swizzled by the dim, whose value mod 8 is st_dim's.
-        const uint32_t st_sw = VtTile::row_offset(st_dim, 0) - st_dim * VtTile::CW;
+        const uint32_t st_sw = VtTile::offset(st_dim, 0) - st_dim * VtTile::CW;
         const uint32_t ld_lane = src + ld_key * KTile::CW, st_lane = dst + st_dim * VtTile::CW;
 #pragma unroll 2
         for (int u = warp - tr_warp0; u < kUnits; u += tr_warps) {
@@ -611,10 +608,10 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
             const uint32_t t0 = prmt(x0[j], x1[j], 0x5140), t1 = prmt(x0[j], x1[j], 0x7362);
             const uint32_t t2 = prmt(x2[j], x3[j], 0x5140), t3 = prmt(x2[j], x3[j], 0x7362);
             const int d = dg * 16 + 4 * j;
-            sts32(dst + VtTile::row_offset(d + 0, 4 * w), prmt(t0, t2, 0x5410));
-            sts32(dst + VtTile::row_offset(d + 1, 4 * w), prmt(t0, t2, 0x7632));
-            sts32(dst + VtTile::row_offset(d + 2, 4 * w), prmt(t1, t3, 0x5410));
-            sts32(dst + VtTile::row_offset(d + 3, 4 * w), prmt(t1, t3, 0x7632));
+            sts32(dst + VtTile::offset(d + 0, 4 * w), prmt(t0, t2, 0x5410));
+            sts32(dst + VtTile::offset(d + 1, 4 * w), prmt(t0, t2, 0x7632));
+            sts32(dst + VtTile::offset(d + 2, 4 * w), prmt(t1, t3, 0x5410));
+            sts32(dst + VtTile::offset(d + 3, 4 * w), prmt(t1, t3, 0x7632));
           }
         }
       } else {
@@ -630,8 +627,8 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
 #pragma unroll
           for (int j = 0; j < 4; ++j) {  // dims 8dg + 2j, +1
             const int d = dg * 8 + 2 * j;
-            sts32(dst + VtTile::row_offset(d + 0, 4 * w), prmt(x0[j], x1[j], 0x5410));
-            sts32(dst + VtTile::row_offset(d + 1, 4 * w), prmt(x0[j], x1[j], 0x7632));
+            sts32(dst + VtTile::offset(d + 0, 4 * w), prmt(x0[j], x1[j], 0x5410));
+            sts32(dst + VtTile::offset(d + 1, 4 * w), prmt(x0[j], x1[j], 0x7632));
           }
         }
       }
