@@ -15,27 +15,6 @@ import sys
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model takes a function
 
 
-def _inspect_layers(model):
-    from vllm_fireattn.backend._compat import tensor_parallel_rank_and_size
-
-    rank = tensor_parallel_rank_and_size()[0]
-    layers = []
-    for name, module in model.named_modules():
-        impl = getattr(module, "impl", None)
-        if impl is not None and hasattr(module, "kv_cache_dtype"):
-            scales = impl._scales(module) if hasattr(impl, "_scales") else None  # FIREATTN's q/k/v scales
-            layers.append({
-                "name": name,
-                "impl": f"{type(impl).__module__}.{type(impl).__qualname__}",
-                "kv_cache_dtype": module.kv_cache_dtype,
-                "sliding_window": getattr(impl, "sliding_window", None),
-                "tp_rank": rank,
-                "num_kv_heads": getattr(impl, "num_kv_heads", None),
-                "scales": None if scales is None else [s.float().flatten().tolist() for s in scales],
-            })
-    return layers
-
-
 def _hf_prompt_logprobs(model_dir: str, prompts: list[list[int]]) -> list[dict]:
     """Ground truth: float32 transformers (eager attention) logprob of every prompt token."""
     import torch
@@ -94,6 +73,8 @@ def main(argv=None) -> None:
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     from vllm import LLM, SamplingParams
 
+    from vllm_fireattn.backend.introspect import layer_report
+
     kwargs = dict(
         model=args.model,
         attention_backend=args.backend,
@@ -122,7 +103,7 @@ def main(argv=None) -> None:
         kwargs["speculative_config"] = {"method": "ngram", "num_speculative_tokens": args.spec_ngram,
                                         "prompt_lookup_max": 4, "prompt_lookup_min": 2}
     llm = LLM(**kwargs)
-    layers_by_rank = llm.apply_model(_inspect_layers)
+    layers_by_rank = llm.apply_model(layer_report)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=args.top_logprobs,
                             ignore_eos=args.dummy,
                             prompt_logprobs=0 if args.prompt_logprobs else None)

