@@ -111,6 +111,14 @@ def _wgmma_structs(name, ab, k, ss_tail, rs_tail, sizes):
             f'{{%{a0}, %{a0 + 1}, %{a0 + 2}, %{a0 + 3}}}, %{a0 + 4}, {rs_tail};\\n}}\\n"\n'
             f'                 : {outs}\n'
             f'                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));\n  }}')
+        if ab != "e4m3.e4m3":  # 16-bit B may be MN-major: imm-trans-b = 1 (FP8 wgmma has no such mode)
+            out.append(
+                f"  __device__ __forceinline__ static void rs_t(float (&d)[{regs}], const uint32_t (&a)[4], uint64_t b, int scale_d) {{\n"
+                f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{a0 + 5}, 0;\\n"\n'
+                f'                 "wgmma.mma_async.sync.aligned.m64n{n}k{k}.f32.{ab} {{{acc}}}, '
+                f'{{%{a0}, %{a0 + 1}, %{a0 + 2}, %{a0 + 3}}}, %{a0 + 4}, p, 1, 1, 1;\\n}}\\n"\n'
+                f'                 : {outs}\n'
+                f'                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));\n  }}')
         out.append("};")
     return out
 

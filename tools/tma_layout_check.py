@@ -3,8 +3,8 @@ as an XOR of smem address bits, puts page boxes exactly where KMajorTile::offset
 (block sizes 16..256); that the FP8 ldmatrix / stmatrix V transpose of the TMA layout (head_dim
 128/256) writes the same V^T words as the LDS / STS transpose of the v_staging_offset layout
 (FP8 head_dim 64, and every cache in a FIREATTN_PREFILL_TMA=0 build), with the bank conflicts of
-both; that the 16-bit ldmatrix / stmatrix.trans transpose gives V^T in natural key order; and
-the page boxes a tile issues. Mirrors csrc/prefill/prefill_kernel.cuh by hand: keep the two in step."""
+both; and the page boxes a tile issues. (16-bit caches in the TMA layout transpose nothing: PV
+reads the staging tile itself.) Mirrors csrc/prefill/prefill_kernel.cuh by hand: keep the two in step."""
 import random
 def ktile_offset(R, KB, row, byte):
     CW = min(KB, 128); mask = 0x70 if CW == 128 else 0x30
@@ -13,7 +13,7 @@ def ktile_offset(R, KB, row, byte):
 def ktile_offset_rowform(R, KB, row, byte):  # KMajorTile::offset as the kernel writes it
     CW = min(KB, 128); sw = (row & 7) << 4 if CW == 128 else (row & 6) << 3
     return (byte // CW) * (R * CW) + row * CW + ((byte % CW) ^ sw)
-for R in (32, 64, 72, 128, 136, 192, 256):
+for R in (32, 64, 128, 256):
     for KB in (64, 128, 256, 512):
         assert all(ktile_offset(R, KB, r, b) == ktile_offset_rowform(R, KB, r, b)
                    for r in range(R) for b in range(0, KB, 4)), (R, KB)
@@ -92,8 +92,16 @@ def run_matrix_transpose(D, N, staging):
             for w4 in range(4):
                 vt[base + 4 * w4] = int.from_bytes(data[4 * w4:4 * w4 + 4], "little")
     return vt, worst
-for D in (64, 128, 256):
-    N = 64 if D == 256 else 128
+def expected_vt_word(V, d, w):
+    """The V^T word the P fragment needs: word w of dim d's row holds k-positions 4w..4w+3 =
+    keys {2u, 2u+1, 2u+8, 2u+9} (+16 for the step's upper half) of 32-key step w // 8."""
+    step, tt = w // 8, w % 8
+    u = tt % 4
+    kbase = step * 32 + (16 if tt >= 4 else 0) + 2 * u
+    keys = (kbase, kbase + 1, kbase + 8, kbase + 9)
+    return sum(V[k][d] << (8 * i) for i, k in enumerate(keys))
+# (head_dim, keys per FP8 tile)
+for D, N in ((64, 128), (128, 128), (256, 64)):
     CW = min(D, 128)
     V = [[random.randrange(256) for _ in range(D)] for _ in range(N)]
     for bs in (16, 32, 64, 128, 256):
@@ -141,43 +149,15 @@ for D in (64, 128, 256):
         worst = max(max(g.count(x) for x in set(g)) for g in banks.values())
         return vt, worst
     vt_old, w_old = run_lds_transpose()
-    print(f"D{D}: TMA layout == KMajorTile for bs 16..256; LDS transpose: worst LDS.128 quarter-warp conflict {w_old}-way")
+    for d in range(D):
+        for w in range(kWords):
+            assert vt_old[ktile_offset(VtR, VtKB, d, 4 * w)] == expected_vt_word(V, d, w), (D, N, d, w)
+    print(f"D{D} N{N}: LDS transpose gives the P fragment's key order in V^T")
+    print(f"D{D} N{N}: TMA layout == KMajorTile for bs 16..256; LDS transpose: worst LDS.128 quarter-warp conflict {w_old}-way")
     if D >= 128:
         vt_lsm, w_lsm = run_matrix_transpose(D, N, tma)
         assert vt_lsm == vt_old, D
         print(f"D{D}: ldmatrix/stmatrix transpose writes the same V^T; worst 8-row phase conflict {w_lsm}-way")
-
-# 16-bit caches (TMA layout at every head_dim): ldmatrix.x4 of 8 keys x 8 dims matrices, m % 2 ->
-# keys +8, m // 2 -> dims +8; stmatrix.x4.trans writes them as V^T rows in natural key order.
-for D in (64, 128, 256):
-    N = {64: 128, 128: 64, 256: 32}[D]
-    RB = 2 * D
-    V = [[random.randrange(1 << 16) for _ in range(D)] for _ in range(N)]
-    staging = [0] * (N * RB)
-    for k in range(N):
-        for d in range(D):
-            o = ktile_offset(N, RB, k, 2 * d)
-            staging[o:o + 2] = V[k][d].to_bytes(2, "little")
-    vt = [None] * (D * 2 * N)
-    worst = 1
-    for u in range((N // 16) * (D // 16)):
-        kg, dg = u % (N // 16), u // (N // 16)
-        ld = [ktile_offset(N, RB, kg * 16 + (ln // 8 % 2) * 8 + ln % 8, dg * 32 + (ln // 16) * 16) for ln in range(32)]
-        st = [ktile_offset(D, 2 * N, dg * 16 + (ln // 16) * 8 + ln % 8, kg * 32 + (ln // 8 % 2) * 16) for ln in range(32)]
-        for addrs in (ld, st):
-            for m in range(4):
-                g = [(a >> 4) & 7 for a in addrs[8 * m:8 * m + 8]]
-                worst = max(worst, max(g.count(x) for x in g))
-        for m in range(4):  # matrix m: element (r, c) = staging row r, 16-bit column c -> V^T row c, position r
-            for r in range(8):
-                for c in range(8):
-                    val = staging[ld[8 * m + r] + 2 * c:ld[8 * m + r] + 2 * c + 2]
-                    vt[st[8 * m + c] + 2 * r:st[8 * m + c] + 2 * r + 2] = val
-    for k in range(N):
-        for d in range(D):
-            o = ktile_offset(D, 2 * N, d, 2 * k)
-            assert bytes(vt[o:o + 2]) == V[k][d].to_bytes(2, "little"), (D, k, d)
-    print(f"16-bit D{D}: ldmatrix/stmatrix.trans transpose gives V^T in natural key order; worst phase conflict {worst}-way")
 
 # Page boxes of a tile (lanes of warp 0): cover [max(k0, kv_begin), min(k0 + N, kv_end)), stay inside
 # one page and the tile, start 16-key aligned, and only name pages holding a visible key.

@@ -19,10 +19,13 @@
 // (query token, query head of this kv head's group) pair, so a GQA group shares every K/V
 // byte. Warpgroup 0 is the producer: K into a swizzled K-major tile and V into a staging tile
 // (by TMA, see "TMA producer" below, except FP8 caches at head_dim 64, which take cp.async),
-// then V transposed into the K-major V^T tile FP8 wgmma needs (FP8 wgmma has no transposed-B
-// mode; the 16-bit path uses the same V^T layout), a 4-stage (16-bit: 3) mbarrier ring ahead of
-// the consumers. With TMA, warp 0 only issues loads and warps 1-3 only transpose (ldmatrix /
-// stmatrix); otherwise all four do both in one loop (LDS / STS transpose).
+// a 4-stage (16-bit: 3) mbarrier ring ahead of the consumers. FP8 V is then transposed into
+// the K-major V^T tile FP8 wgmma needs (it has no transposed-B mode): with TMA, warp 0 only
+// issues loads and warps 1-3 only transpose (ldmatrix / stmatrix); otherwise all four do both
+// in one loop (LDS / STS transpose). 16-bit caches in the TMA layout transpose nothing: PV reads
+// V from the staging tile as an MN-major operand (wgmma's transposed-B mode; H200, BF16 cache,
+// 1 x 16k / 4 x 4k causal, same run: 408 / 324, 454 / 401, 435 / 391 TFLOP/s at head_dim 64 /
+// 128 / 256 against 371 / 296, 415 / 361, 395 / 340 with the transpose).
 // Warpgroups 1 and 2 each own 64 rows: QK^T, online softmax, PV, promotion, epilogue.
 //
 // P goes to the PV wgmma straight from the QK accumulator registers: the FP8 A-fragment wants
@@ -120,7 +123,7 @@ struct PrefillConfig {
   static constexpr int kQBytes = kBlockM * kRowBytes;
   static constexpr int kKBytes = kBlockN * kRowBytes;
   static constexpr int kVStageBytes = kBlockN * kRowBytes;
-  static constexpr int kVtBytes = D * kBlockN * kElem;
+  static constexpr int kVtBytes = D * kBlockN * kElem;  // (unused by 16-bit caches in the TMA layout)
   static constexpr int kStageBytes = kKBytes + kVStageBytes + kVtBytes;
   static constexpr int kBarrierBytes = 3 * kStages * 8;
   static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + kBarrierBytes;
@@ -153,11 +156,16 @@ struct KMajorTile {
     const uint32_t sw = CW == 128 ? (row & 7) << 4 : (row & 6) << 3;
     return (byte / CW) * (R * CW) + row * CW + ((byte % CW) ^ sw);
   }
-  // Descriptor of rows [row0, row0 + 64 or N) at k-step `kstep` (32 bytes each).
-  __device__ __forceinline__ static uint64_t desc(uint32_t tile_smem, int row0, int kstep) {
-    const uint32_t addr = tile_smem + (kstep * 32 / CW) * (R * CW) + row0 * CW + (kstep * 32) % CW;
-    return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
-           (static_cast<uint64_t>((8 * CW) >> 4) << 32) | (kSwizzleMode << 62);
+  // wgmma descriptor of rows [row0, row0 + 64 or N) at k-step `kstep` (32 bytes each) =
+  // desc_base(tile) + desc_step(row0, kstep): the start-address field holds address >> 4 and
+  // shared addresses stay below 2^18, so byte offsets / 16 add to it without carrying into the
+  // LBO / SBO fields. The consumers build the bases once and add steps per tile.
+  __device__ __forceinline__ static uint64_t desc_base(uint32_t tile_smem) {
+    return static_cast<uint64_t>(tile_smem >> 4) | (uint64_t{1} << 16) | (static_cast<uint64_t>((8 * CW) >> 4) << 32) |
+           (kSwizzleMode << 62);
+  }
+  __host__ __device__ static constexpr uint32_t desc_step(int row0, int kstep) {
+    return ((kstep * 32 / CW) * (R * CW) + row0 * CW + (kstep * 32) % CW) >> 4;
   }
 };
 
@@ -199,6 +207,10 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// Hides a value's origin, so the compiler keeps it in a register instead of recomputing it
+// from the shared window base inside the tile loop.
+__device__ __forceinline__ void opaque(uint32_t& x) { asm volatile("" : "+r"(x)); }
+__device__ __forceinline__ void opaque(uint64_t& x) { asm volatile("" : "+l"(x)); }
 // Keeps the compiler from moving accumulator reads/writes across wgmma issue and wait.
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&r)[N]) {
@@ -356,7 +368,7 @@ using WgmmaFor = std::conditional_t<kFp8, WgmmaFp8<N>,
                                     std::conditional_t<std::is_same_v<QT, __nv_bfloat16>, WgmmaBf16<N>, WgmmaF16<N>>>;
 
 template <typename QT, bool kFp8, int D, bool kEveryTile>
-__global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p, const int promote_every
+__global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) prefill_kernel(const AttentionParams p, const int promote_every
 #if FIREATTN_PREFILL_TMA
                                                           ,
                                                           const __grid_constant__ CUtensorMap kv_map, const int use_tma
@@ -366,6 +378,8 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
   // kTmaLayout: V staging in the K tile's layout (TMA's swizzle), read by the TMA transpose;
   // tma: the loads are TMA (else cp.async into that layout, the host's run-time fallback).
   constexpr bool kTmaLayout = PrefillConfig<D, kElem>::kTmaLayout;
+  // kVDirect: PV reads V from the staging tile (16-bit caches in the TMA layout; see the header).
+  constexpr bool kVDirect = kTmaLayout && !kFp8;
 #if FIREATTN_PREFILL_TMA
   const bool tma = kTmaLayout && kProducerExperiment < 2 && use_tma != 0;  // experiment 2 issues no loads
 #else
@@ -389,7 +403,8 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   uint8_t* q_s = smem;
   uint8_t* stages = q_s + Cfg::kQBytes;  // per stage: K tile, V staging, V^T tile
-  const uint32_t bars = smem_addr(stages + kStages * Cfg::kStageBytes);
+  uint32_t bars = smem_addr(stages + kStages * Cfg::kStageBytes);
+  opaque(bars);
   // landed[s]: the stage's cp.async copies are in; ready[s]: K and V^T usable by wgmma;
   // empty[s]: both consumer warpgroups are done with the stage.
   auto landed = [&](int st) { return bars + 8 * st; };
@@ -534,24 +549,8 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
           named_barrier(3, tr_threads);  // ids 1, 2: consumer warpgroups
         }
       }
-      if constexpr (kProducerExperiment >= 1) {
-        (void)src, (void)dst;
-      } else if constexpr (kTmaLayout && !kFp8) {
-        // 16-bit: ldmatrix.x4 of four 8 keys x 8 dims matrices (keys 8 (m % 2).., dims 8 (m / 2)..
-        // of a 16 x 16 unit), stmatrix.x4.trans writes each as 8 V^T rows (dims) x 8 keys in
-        // the natural key order the 16-bit P fragment wants. Every 8-row phase hits 8 distinct
-        // 16-byte bank groups (rows differ mod 8 in both swizzled layouts).
-        constexpr int kGroups = kBlockN / 16, kUnits = kGroups * (D / 16);
-        const int m = lane / 8, r8 = lane % 8;
-        const int ld_key = (m % 2) * 8 + r8, ld_byte = (m / 2) * 16;  // + unit (16 kg keys, 32 dg bytes)
-        const int st_dim = (m / 2) * 8 + r8, st_byte = (m % 2) * 16;   // + unit (16 dg dims, 32 kg bytes)
-#pragma unroll 2
-        for (int u = warp - tr_warp0; u < kUnits; u += tr_warps) {
-          const int kg = u % kGroups, dg = u / kGroups;
-          uint32_t r[4];
-          ldsm_x4(src + KTile::offset(kg * 16 + ld_key, dg * 32 + ld_byte), r);
-          stsm_x4_trans(dst + VtTile::offset(dg * 16 + st_dim, kg * 32 + st_byte), r[0], r[1], r[2], r[3]);
-        }
+      if constexpr (kProducerExperiment >= 1 || kVDirect) {
+        (void)src, (void)dst;  // kVDirect: nothing to transpose, the consumers read the staging tile
       } else if constexpr (kTmaLayout) {
         // ldmatrix / stmatrix transpose (mirrored and checked offline by
         // tools/tma_layout_check.py). A warp-wide unit moves 16 keys x 32 dims: ldmatrix.x4
@@ -725,7 +724,43 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
   float part_alpha[2] = {1.f, 1.f};             // o_main's rescale owed since the last promotion
   bool part_empty = true;
 
-  const uint32_t q_smem = smem_addr(q_s);
+  // Online softmax of the key tile at k0; masks only on tiles that cross an edge.
+  auto online_softmax = [&](float(&s)[kSRegs], int k0, float(&alpha)[2]) {
+    const bool need_mask = k0 + kBlockN > kv_end || (p.causal && k0 + kBlockN - 1 > first_pos) ||
+                           (p.window_left >= 0 && k0 < last_pos - p.window_left);
+    const TileMask tm{k0 + 2 * tq, kv_end, {pos[0], pos[1]}, p.causal, p.window_left};
+    if (p.softcap > 0.f)
+      softmax_tile<kSRegs, true, true>(s, m, l, alpha, scale_log2, score_scale, p.softcap, tm);
+    else if (need_mask)
+      softmax_tile<kSRegs, true, false>(s, m, l, alpha, scale_log2, score_scale, p.softcap, tm);
+    else
+      softmax_tile<kSRegs, false, false>(s, m, l, alpha, scale_log2, score_scale, p.softcap, tm);
+  };
+
+  // wgmma descriptors, built once: per tile only the stage and k-step offsets are added (the
+  // compiler rebuilt every descriptor from the shared window base on each tile, ~60 uniform
+  // and integer instructions per tile in issue-bound warps).
+  uint64_t q_desc = QTile::desc_base(smem_addr(q_s)) + QTile::desc_step(wg * 64, 0);
+  uint64_t k_desc0 = KTile::desc_base(smem_addr(k_tile(0)));
+  // kVDirect: V staging as an MN-major SWIZZLE_128B operand (CUTLASS's canonical ((8 x 16 B, m),
+  // (8 rows, k)) : ((16 B, LBO), (128 B, SBO))): 64 dims per 128-byte column chunk, chunks
+  // kBlockN * 128 bytes apart (LBO), 8-key row groups 1024 bytes apart (SBO), 16 keys a k-step.
+  uint64_t vt_desc0 = kVDirect ? (static_cast<uint64_t>(smem_addr(v_staging(0)) >> 4) |
+                                  (static_cast<uint64_t>(kBlockN * 128 >> 4) << 16) |
+                                  (static_cast<uint64_t>(1024 >> 4) << 32) | (uint64_t{1} << 62))
+                               : VtTile::desc_base(smem_addr(vt_tile(0)));
+  // PV's B operand of output columns [sl * kPvN, +kPvN) at k-step c, and the MMA that reads it.
+  auto pv_step = [&](int sl, int c) -> uint32_t {
+    if constexpr (kVDirect) return (sl * (kPvN / 64) * (kBlockN * 128) + c * 16 * 128) >> 4;
+    else return VtTile::desc_step(sl * kPvN, c);
+  };
+  auto pv_mma = [&](float(&acc)[kPvRegs], const uint32_t(&a)[4], uint64_t desc, int scale_d) {
+    if constexpr (kVDirect) PV::rs_t(acc, a, desc, scale_d);
+    else PV::rs(acc, a, desc, scale_d);
+  };
+  opaque(q_desc);
+  opaque(k_desc0);
+  opaque(vt_desc0);
   for (int t = 0; t < num_tiles; ++t) {
     const int st = t % kStages;
     const int k0 = tile0 + t * kBlockN;
@@ -734,27 +769,18 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
     // S = Q K^T (64 rows x kBlockN keys per warpgroup).
     float s[kSRegs];
     {
-      const uint32_t k_smem = smem_addr(k_tile(st));
+      const uint64_t k_desc = k_desc0 + st * (Cfg::kStageBytes >> 4);
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kQkSteps; ++ks)
-        QK::ss(s, QTile::desc(q_smem, wg * 64, ks), KTile::desc(k_smem, 0, ks), ks > 0 ? 1 : 0);
+        QK::ss(s, q_desc + QTile::desc_step(0, ks), k_desc + KTile::desc_step(0, ks), ks > 0 ? 1 : 0);
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(s);
     }
 
-    // Online softmax; masks only on tiles that cross an edge.
-    const bool need_mask = k0 + kBlockN > kv_end || (p.causal && k0 + kBlockN - 1 > first_pos) ||
-                           (p.window_left >= 0 && k0 < last_pos - p.window_left);
     float alpha[2];
-    const TileMask tm{k0 + 2 * tq, kv_end, {pos[0], pos[1]}, p.causal, p.window_left};
-    if (p.softcap > 0.f)
-      softmax_tile<kSRegs, true, true>(s, m, l, alpha, scale_log2, score_scale, p.softcap, tm);
-    else if (need_mask)
-      softmax_tile<kSRegs, true, false>(s, m, l, alpha, scale_log2, score_scale, p.softcap, tm);
-    else
-      softmax_tile<kSRegs, false, false>(s, m, l, alpha, scale_log2, score_scale, p.softcap, tm);
+    online_softmax(s, k0, alpha);
 
     // P -> e4m3 A fragments (see the header comment for the key order).
     uint32_t pa[kPSteps][4];
@@ -775,13 +801,13 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
       }
     }
 
-    const uint32_t vt_smem = smem_addr(vt_tile(st));
+    const uint64_t vt_desc = vt_desc0 + st * (Cfg::kStageBytes >> 4);
     const bool last = t + 1 == num_tiles;
     if constexpr (kPvSlices == 1 && kEveryTile) {
       wgmma_fence();
       fence_regs(o_part);
 #pragma unroll
-      for (int c = 0; c < kPSteps; ++c) PV::rs(o_part, pa[c], VtTile::desc(vt_smem, 0, c), c > 0 ? 1 : 0);
+      for (int c = 0; c < kPSteps; ++c) pv_mma(o_part, pa[c], vt_desc + pv_step(0, c), c > 0 ? 1 : 0);
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(o_part);
@@ -800,7 +826,7 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
       fence_regs(o_part);
 #pragma unroll
       for (int c = 0; c < kPSteps; ++c)
-        PV::rs(o_part, pa[c], VtTile::desc(vt_smem, 0, c), (c > 0 || !part_empty) ? 1 : 0);
+        pv_mma(o_part, pa[c], vt_desc + pv_step(0, c), (c > 0 || !part_empty) ? 1 : 0);
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(o_part);
@@ -813,25 +839,34 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
         part_empty = true;
       }
     } else {
-      // head_dim 256: one 64-column slice at a time, promoted at once (or, with promote_every
-      // 0, accumulated on the tensor cores in o_main itself).
+      // head_dim 256: 64-column slices. promote_every 0: all four rescaled, then accumulated on
+      // the tensor cores in o_main itself as one group. Every tile: one slice at a time into
+      // o_part, promoted at once (a second slice accumulator to overlap the promotion with the
+      // next slice's MMA made ptxas serialize every wgmma of the kernel for lack of registers).
+      static_assert(kPvSlices == 4, "head_dim 256: four 64-column slices");
+      if (promote_every == 0) {
 #pragma unroll
-      for (int sl = 0; sl < kPvSlices; ++sl) {
-        if (promote_every == 0) {
+        for (int sl = 0; sl < kPvSlices; ++sl)
 #pragma unroll
           for (int i = 0; i < kPvRegs; ++i) o_main[sl][i] *= alpha[(i / 2) % 2];
-          wgmma_fence();
+        wgmma_fence();
+#pragma unroll
+        for (int sl = 0; sl < kPvSlices; ++sl) {
           fence_regs(o_main[sl]);
 #pragma unroll
-          for (int c = 0; c < kPSteps; ++c) PV::rs(o_main[sl], pa[c], VtTile::desc(vt_smem, sl * kPvN, c), 1);
-          wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs(o_main[sl]);
-        } else {
+          for (int c = 0; c < kPSteps; ++c) pv_mma(o_main[sl], pa[c], vt_desc + pv_step(sl, c), 1);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int sl = 0; sl < kPvSlices; ++sl) fence_regs(o_main[sl]);
+      } else {
+#pragma unroll
+        for (int sl = 0; sl < kPvSlices; ++sl) {
           wgmma_fence();
           fence_regs(o_part);
 #pragma unroll
-          for (int c = 0; c < kPSteps; ++c) PV::rs(o_part, pa[c], VtTile::desc(vt_smem, sl * kPvN, c), c > 0 ? 1 : 0);
+          for (int c = 0; c < kPSteps; ++c) pv_mma(o_part, pa[c], vt_desc + pv_step(sl, c), c > 0 ? 1 : 0);
           wgmma_commit();
           wgmma_wait<0>();
           fence_regs(o_part);
@@ -846,7 +881,7 @@ __global__ void __launch_bounds__(384, 1) prefill_kernel(const AttentionParams p
   // ---- Epilogue: row sums across the quad, sinks, normalization, output and LSE.
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float lsum = l[h];
+    float lsum = l[h];  // the quad's four shares
     lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
     lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
     const int row = row0 + wg * 64 + (warp % 4) * 16 + g + 8 * h;
