@@ -200,3 +200,26 @@ def test_p_scale_keeps_small_weights_out_of_e4m3_subnormals():
     err = {sc: (attend(q, k, v, 1.0, False, p_fp8=True, p_scale=sc)[0] - exact).norm().item() / exact.norm().item()
            for sc in (1.0, 256.0)}
     assert err[1.0] > 0.5 and err[256.0] < 0.05, err
+
+
+def test_p_against_the_tile_max_is_more_accurate():
+    """p_ref="tile" (the prefill kernel's choice): each key tile's P is rounded against the tile's
+    own max, so every tile's largest weight is exact. On random normal data (e4m3 Q, K, V, 64
+    queries at the end of 4k keys) that must cut the relative L2 error clearly (emulation
+    measured 0.0222 vs 0.0252, i.e. 0.88x) and leave the LSE as it was (l sums the FP32 P); one
+    tile is the same either way; an unknown choice is refused."""
+    g = torch.Generator().manual_seed(0)
+    r8 = lambda x: x.to(torch.float8_e4m3fn).double()  # noqa: E731
+    q = r8(torch.randn(64, 8, 128, generator=g))
+    k, v = r8(torch.randn(4096, 1, 128, generator=g)), r8(torch.randn(4096, 1, 128, generator=g))
+    exact, exact_lse = attend(q, k, v, 128**-0.5, True)
+    rel = lambda o: ((o - exact).norm() / exact.norm()).item()  # noqa: E731
+    run, run_lse = attend(q, k, v, 128**-0.5, True, p_fp8=True, block_n=128)
+    tile, tile_lse = attend(q, k, v, 128**-0.5, True, p_fp8=True, block_n=128, p_ref="tile")
+    assert rel(tile) < 0.92 * rel(run), (rel(tile), rel(run))
+    torch.testing.assert_close(tile_lse, exact_lse, atol=1e-12, rtol=0)
+    torch.testing.assert_close(run_lse, exact_lse, atol=1e-12, rtol=0)
+    one = dict(p_fp8=True, block_n=4096)
+    assert torch.equal(attend(q, k, v, 0.1, True, p_ref="tile", **one)[0], attend(q, k, v, 0.1, True, **one)[0])
+    with pytest.raises(ValueError, match="p_ref"):
+        attend(q[:2], k[:130], v[:130], 0.1, True, p_fp8=True, p_ref="global")

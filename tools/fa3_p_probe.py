@@ -49,6 +49,8 @@ def _hypotheses(q, k, v, scale):
         for rounded in (False, True):
             name = f"e4m3 P*256, {bn}-key tiles, l = sum {'P8' if rounded else 'P (FP32)'}"
             out[name] = attend(*args, p_fp8=True, block_n=bn, l_of_rounded_p=rounded)[0]
+        # P against each tile's own max (FIREATTN since 2026-11-22; see the reference's p_ref)
+        out[f"e4m3 P*256 vs tile max, {bn}-key tiles"] = attend(*args, p_fp8=True, block_n=bn, p_ref="tile")[0]
     return out
 
 

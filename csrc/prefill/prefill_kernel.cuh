@@ -4,7 +4,8 @@
 // Numerics, FP8 cache (the reference's precision="fp8_mma", vllm_fireattn/reference/attention.py):
 //   q8 = sat_rne(q / q_scale[h_kv])       in registers, once per CTA, into shared memory
 //   s  = (q8 . k8) * q_scale * k_scale * softmax_scale   (FP32 wgmma accumulator)
-//   p  = exp(s - m) (FP32 online softmax); l = sum p in FP32
+//   p  = exp(s - m_ref) (FP32 online softmax; m_ref = the key tile's row max, or the running max
+//        / 2^8 where the tile's is lower: see softmax_tile); l = sum p in FP32
 //   p8 = sat_rne(p * 256)                 x256 keeps small weights out of e4m3's subnormals
 //   O  = sum p8 . v8 on FP8 tensor cores, promoted into an FP32 register accumulator every
 //        `promote_every` KV tiles (two-level accumulation; 0 = only at the end), because the
@@ -311,8 +312,22 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// P of a tile is taken against that tile's own row max (m_ref), not the running max m, unless the
+// tile's max lies more than kPRefSpan (log2 units) below m. Every tile's largest P is then exactly
+// 1 (256 in e4m3), and the largest weights are where P's rounding error weighs most. H200, random
+// normal data, 64 queries at the end of 4k-128k keys, relative L2 vs FP64 (test_prefill): 0.0212-
+// 0.0226 at head_dim 128 and 0.0199-0.0211 at 256, where the running max gave 0.0243-0.0272 and
+// 0.0247-0.0264 and FA3 FP8 gives 0.0225-0.0258 and 0.0224-0.0247 (probably because FA3's
+// split-KV rounds each split against its own max: the CPU emulation of 16 splits lands at FA3's
+// level). Cost: one FP32 op per row and tile on the max -> exp chain, ~2% at head_dim 128 (same
+// run: 672 / 500 vs 686 / 511 TFLOP/s, 1 x 16k / 4 x 4k); head_dim 256 measured 734 / 589
+// against 732 / 586 in an earlier call. O and l are kept in units of m_ref, so alpha (the rescale between
+// tiles) may exceed 1, by at most 2^kPRefSpan; the span only bounds that growth.
+constexpr float kPRefSpan = 8.f;
+
 template <int kSRegs, bool kMask, bool kSoftcap>
-__device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], float (&l)[2], float (&alpha)[2],
+__device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], float (&m_ref)[2], float (&l)[2],
+                                             float (&alpha)[2],
                                              float scale_log2, float score_scale, float softcap,
                                              const TileMask& tm) {
   constexpr float kLog2e = 1.4426950408889634f;
@@ -340,10 +355,13 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], 
       }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m[h], mx * exp_scale);
-    const float m_use = m_new == -CUDART_INF_F ? 0.f : m_new;  // nothing visible yet: keep exps at 0
-    alpha[h] = fast_exp2(m[h] - m_use);
-    const float offset = 8.f - m_use;  // P * 256 = 2^(x - m + 8)
+    const float t_max = mx * exp_scale;
+    const float m_new = fmaxf(m[h], t_max);
+    // = fmaxf(t_max, m_new - kPRefSpan), with one dependent op after t_max instead of three.
+    const float r_new = fmaxf(t_max, m[h] - kPRefSpan);
+    const float r_use = r_new == -CUDART_INF_F ? 0.f : r_new;  // nothing visible yet: keep exps at 0
+    alpha[h] = fast_exp2(m_ref[h] - r_use);
+    const float offset = 8.f - r_use;  // P * 256 = 2^(x - m_ref + 8)
     float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < kSRegs / 4; ++i)
@@ -355,6 +373,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], 
       }
     l[h] = l[h] * alpha[h] + sum;
     m[h] = m_new;
+    m_ref[h] = r_new;
   }
 }
 
@@ -720,6 +739,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
 #pragma unroll
   for (int i = 0; i < kPvRegs; ++i) o_part[i] = 0.f;
   float m[2] = {-CUDART_INF_F, -CUDART_INF_F};  // running max, log2 units
+  float m_ref[2] = {-CUDART_INF_F, -CUDART_INF_F};  // what O and l are relative to (softmax_tile)
   float l[2] = {0.f, 0.f};                      // this thread's share of the row sums of P * 256
   float part_alpha[2] = {1.f, 1.f};             // o_main's rescale owed since the last promotion
   bool part_empty = true;
@@ -730,11 +750,11 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
                            (p.window_left >= 0 && k0 < last_pos - p.window_left);
     const TileMask tm{k0 + 2 * tq, kv_end, {pos[0], pos[1]}, p.causal, p.window_left};
     if (p.softcap > 0.f)
-      softmax_tile<kSRegs, true, true>(s, m, l, alpha, scale_log2, score_scale, p.softcap, tm);
+      softmax_tile<kSRegs, true, true>(s, m, m_ref, l, alpha, scale_log2, score_scale, p.softcap, tm);
     else if (need_mask)
-      softmax_tile<kSRegs, true, false>(s, m, l, alpha, scale_log2, score_scale, p.softcap, tm);
+      softmax_tile<kSRegs, true, false>(s, m, m_ref, l, alpha, scale_log2, score_scale, p.softcap, tm);
     else
-      softmax_tile<kSRegs, false, false>(s, m, l, alpha, scale_log2, score_scale, p.softcap, tm);
+      softmax_tile<kSRegs, false, false>(s, m, m_ref, l, alpha, scale_log2, score_scale, p.softcap, tm);
   };
 
   // wgmma descriptors, built once: per tile only the stage and k-step offsets are added (the
@@ -886,7 +906,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
     lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
     const int row = row0 + wg * 64 + (warp % 4) * 16 + g + 8 * h;
     const int head = kv_head * group + row % group;
-    float m_fin = m[h];
+    float m_fin = m_ref[h];
     float scale_out = 1.f;
     if (p.sinks != nullptr && row < num_rows) {
       const float sink = p.sinks[head] * kLog2e;

@@ -16,6 +16,10 @@ precision:
             BF16/FP16 cache (16-bit MMAs) P is rounded to the model dtype instead (`p_dtype`).
             l_of_rounded_p: the row sums are those of the rounded P, accumulated with PV (row
             sums on the tensor cores); else of P in FP32, as the prefill kernel does.
+            p_ref: what each tile's P is taken against before rounding: "running" (the running
+            row max) or "tile" (the tile's own row max unless it lies more than
+            P_REF_SPAN_LOG2 below the running max; the prefill kernel's choice, which
+            makes every tile's largest P exact).
 
 Masks: bottom-right causal (query i of a sequence with q_len queries and seq_len keys sits at
 position seq_len - q_len + i and sees keys j <= position), sliding window (keys j >=
@@ -24,12 +28,15 @@ position - window_left), soft cap (s = cap * tanh(s / cap) on the scaled scores)
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vllm_fireattn.reference.cache import gather_kv, is_fp8_cache
 from vllm_fireattn.reference.quant import FP8_DTYPE, dequantize_fp8, quantize_fp8
 
 PRECISIONS = ("exact", "kernel", "fp8_mma")
+P_REF_SPAN_LOG2 = 8.0  # the prefill kernel's kPRefSpan (csrc/prefill/prefill_kernel.cuh)
 
 
 def _truncate_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -56,6 +63,7 @@ def attend(
     mma_mantissa_bits: int | None = None,
     promote_every: int = 1,
     l_of_rounded_p: bool = False,
+    p_ref: str = "running",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence: q [Lq, Hq, D], k/v [Lk, Hkv, D] (already dequantized, any float dtype).
 
@@ -84,7 +92,7 @@ def attend(
         out, lse = _softmax_pv(s, v, sink_logit)
     else:
         out, lse = _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_bits, promote_every,
-                                     l_of_rounded_p)
+                                     l_of_rounded_p, p_ref)
     return out.to(q.dtype), lse.to(q.dtype)
 
 
@@ -103,10 +111,15 @@ def _softmax_pv(s, v, sink_logit):
 
 
 def _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_bits, promote_every,
-                      l_of_rounded_p=False):
-    """Online softmax over key tiles, as the tensor-core prefill kernel computes it."""
+                      l_of_rounded_p=False, p_ref="running"):
+    """Online softmax over key tiles, as the tensor-core prefill kernel computes it. acc, part
+    and l are relative to exp(m_ref); m is the running max."""
+    if p_ref not in ("running", "tile"):
+        raise ValueError(f"p_ref must be 'running' or 'tile', got {p_ref!r}")
     hq, lq, lk = s.shape
+    span = P_REF_SPAN_LOG2 * math.log(2.0)
     m = torch.full((hq, lq), float("-inf"), dtype=s.dtype, device=s.device)
+    m_ref = m.clone()
     l = torch.zeros_like(m)
     acc = torch.zeros(hq, lq, v.shape[-1], dtype=s.dtype, device=s.device)
     part = torch.zeros_like(acc)
@@ -115,10 +128,12 @@ def _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_
     num_tiles = -(-lk // block_n)
     for t in range(num_tiles):
         st = s[..., t * block_n : (t + 1) * block_n]
-        m_new = torch.maximum(m, st.amax(-1))
-        m_use = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new)
-        alpha = torch.exp(m - m_use)
-        p = torch.exp(st - m_use[..., None])
+        t_max = st.amax(-1)
+        m_new = torch.maximum(m, t_max)
+        r_new = torch.maximum(t_max, m_new - span) if p_ref == "tile" else m_new
+        r_use = torch.where(torch.isinf(r_new) & (r_new < 0), torch.zeros_like(r_new), r_new)
+        alpha = torch.exp(m_ref - r_use)
+        p = torch.exp(st - r_use[..., None])
         l = l * alpha
         if not l_of_rounded_p:
             l = l + p.sum(-1)
@@ -138,7 +153,8 @@ def _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_
         if (promote_every > 0 and (t + 1) % promote_every == 0) or t == num_tiles - 1:
             acc, part = acc + part, torch.zeros_like(part)
             l, l_part = l + l_part, torch.zeros_like(l_part)
-        m = m_new
+        m, m_ref = m_new, r_new
+    m = m_ref
     if sink_logit is not None:
         m_new = torch.maximum(m, sink_logit)
         alpha = torch.exp(m - m_new)
@@ -186,6 +202,7 @@ def prefill(
     num_kv_heads = kv_cache.shape[2]
     if precision == "fp8_mma":
         emulation.setdefault("p_fp8", fp8)
+        emulation.setdefault("p_ref", "tile")  # the prefill kernel's (softmax_tile)
         if not fp8:  # 16-bit caches: the tensor-core prefill rounds P to the model dtype
             emulation.setdefault("p_dtype", query.dtype)
     cu = cu_seqlens_q.tolist()
