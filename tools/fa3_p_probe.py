@@ -1,9 +1,9 @@
 """Reads the attention weights an FP8 prefill kernel actually applied, to find out how vLLM's FA3
 FP8 rounds P (GPU + vLLM; a few seconds).
 
-Why: on random normal data FA3 FP8's relative L2 error is 5-9% below FIREATTN's and below the
-reference's emulation of e4m3 P (0.0225 vs 0.0242 at 4k, head_dim 128), and no emulated variant
-(P scale, tile length, row sums of rounded P) explains it.
+Why: on random normal data FA3 FP8's relative L2 error was 5-9% below FIREATTN's (0.0225 vs
+0.0242 at 4k, head_dim 128), and no emulated variant (P scale, tile length, row sums of rounded P)
+explained it.
 
 How: V is one-hot over the last 128 keys of each context (key ctx - 128 + d has V = e_d, every
 other key V = 0), so output[q, h, d] is the weight the kernel gave that key: its P / l, in the
@@ -13,11 +13,14 @@ several hypotheses; the table says how far each kernel's weights are from each h
 
     python tools/fa3_p_probe.py [--contexts 128 1024 4096] [--fa3-num-splits N] [--json OUT]
 
-H200, 2026-11-22 (benchmarks/results/h200/ab_2026-11-22c/fa3_p_probe.json): at 128 keys both
-kernels match "e4m3 P*256, l = sum P in FP32" (96% of weights equal in BF16). At 1k and 4k FIREATTN
-still matches it (95%); FA3 FP8 matches no hypothesis (<= 19%), and at 4k 35% of its weights equal
-the exact P (mean relative deviation 0.015 against FIREATTN's 0.022): FA3 leaves part of P
-unrounded at longer contexts. Next: --fa3-num-splits 1 tells whether its split-KV path is why.
+H200, 2026-11-22 (benchmarks/results/h200/ab_2026-11-22c/fa3_p_probe.json, FIREATTN then still
+rounding against the running max): at 128 keys both kernels match "e4m3 P*256, l = sum P in FP32"
+(96% of weights equal in BF16). At 1k and 4k FIREATTN still did (95%); FA3 FP8 matched no
+hypothesis (<= 19%), and at 4k 35% of its weights equalled the exact P (mean relative deviation
+0.015 against 0.022): FA3 keeps many large weights exact. The CPU emulation then showed that P
+rounded against each tile's (or split's) own max does that and reaches FA3's error; FIREATTN now
+does it and its weights match "vs tile max, 128-key tiles" (95% at 4k; error below FA3's).
+--fa3-num-splits 1 would tell whether FA3's split-KV is its mechanism.
 """
 from __future__ import annotations
 
