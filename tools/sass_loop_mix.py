@@ -54,7 +54,10 @@ def loop_path(ins: list[tuple[int, str]]) -> list[tuple[int, str]]:
     first_mma = next(i for i, (_, t) in enumerate(ins) if "GMMA" in t)
     back = [(i, index[int(m.group(1), 16)]) for i, (a, t) in enumerate(ins)
             if i > first_mma and (m := _BRANCH.search(t)) and int(m.group(1), 16) <= ins[first_mma][0]]
-    back_i, head_i = max(back)  # the consumer tile loop: last backward branch over the first wgmma
+    # The consumer tile loop: the innermost loop over the first wgmma (latest head; an outer loop
+    # over work items, if any, starts earlier), and its last backward branch.
+    head_i = max(h for _, h in back)
+    back_i = max(i for i, h in back if h == head_i)
     wait = next(i for i in range(first_mma, back_i) if "DEPBAR" in ins[i][1])
     jump = next(i for i in range(wait + 1, back_i) if ins[i][1].startswith("BRA "))
     join = index[int(_BRANCH.search(ins[jump][1]).group(1), 16)]
