@@ -321,8 +321,8 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // split-KV rounds each split against its own max: the CPU emulation of 16 splits lands at FA3's
 // level). Cost: one FP32 op per row and tile on the max -> exp chain, ~2% at head_dim 128 (same
 // run: 672 / 500 vs 686 / 511 TFLOP/s, 1 x 16k / 4 x 4k); head_dim 256 measured 734 / 589
-// against 732 / 586 in an earlier call. O and l are kept in units of m_ref, so alpha (the rescale between
-// tiles) may exceed 1, by at most 2^kPRefSpan; the span only bounds that growth.
+// against 732 / 586 in an earlier call. O and l are kept in units of m_ref, so alpha (the
+// rescale between tiles) may exceed 1, by at most 2^kPRefSpan; the span only bounds that growth.
 constexpr float kPRefSpan = 8.f;
 
 template <int kSRegs, bool kMask, bool kSoftcap>
