@@ -305,3 +305,28 @@ def test_decode_splits_setting_overrides_the_plan(monkeypatch):
     b.settings = B.resolve({"fireattn": {"decode_splits": 7}})
     m = b.build(0, _common([1, 1], [5, 9], torch.zeros(2, 1, dtype=torch.int32)))
     assert m.decode_num_splits == 7
+
+
+def test_layer_report_lists_what_each_attention_layer_runs(monkeypatch):
+    """introspect.layer_report (what e2e_runner hands LLM.apply_model): one entry per module with
+    an impl and a kv_cache_dtype, FIREATTN's q/k/v scales as lists, other impls without scales;
+    and it pickles by reference, which tensor parallelism needs (a __main__ function did not)."""
+    import pickle
+
+    from vllm_fireattn.backend.introspect import layer_report
+
+    impl = _impl_with_settings(monkeypatch, {"fireattn": {"scales": "one"}})
+    impl.process_weights_after_loading(torch.bfloat16)
+    ours = torch.nn.Module()
+    ours.impl, ours.kv_cache_dtype = impl, "fp8"
+    ours.layer_name = "model.layers.0.self_attn.attn"
+    ours._q_scale = ours._k_scale = ours._v_scale = torch.tensor(3.0)
+    other = torch.nn.Module()
+    other.impl, other.kv_cache_dtype = SimpleNamespace(sliding_window=128, num_kv_heads=2), "auto"
+    model = torch.nn.Sequential(ours, torch.nn.Linear(2, 2), other)
+    rows = layer_report(model)
+    assert [r["name"] for r in rows] == ["0", "2"]
+    assert rows[0]["impl"] == "vllm_fireattn.backend.backend.FireAttnImpl" and rows[0]["kv_cache_dtype"] == "fp8"
+    assert rows[0]["scales"] == [[1.0], [1.0], [1.0]] and rows[0]["num_kv_heads"] == 4 and rows[0]["tp_rank"] == 0
+    assert rows[1]["scales"] is None and rows[1]["sliding_window"] == 128 and rows[1]["kv_cache_dtype"] == "auto"
+    assert pickle.loads(pickle.dumps(layer_report)) is layer_report
