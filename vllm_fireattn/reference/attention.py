@@ -14,8 +14,6 @@ precision:
             accumulator promoted into an FP32 accumulator every `promote_every` tiles of
             `block_n` keys (two-level accumulation; promote_every=0 means never). With a
             BF16/FP16 cache (16-bit MMAs) P is rounded to the model dtype instead (`p_dtype`).
-            l_of_rounded_p: the row sums are those of the rounded P, accumulated with PV (row
-            sums on the tensor cores); else of P in FP32, as the prefill kernel does.
             p_ref: what each tile's P is taken against before rounding: "running" (the running
             row max) or "tile" (the tile's own row max unless it lies more than
             P_REF_SPAN_LOG2 below the running max; the prefill kernel's choice, which
@@ -62,7 +60,6 @@ def attend(
     block_n: int = 128,
     mma_mantissa_bits: int | None = None,
     promote_every: int = 1,
-    l_of_rounded_p: bool = False,
     p_ref: str = "running",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence: q [Lq, Hq, D], k/v [Lk, Hkv, D] (already dequantized, any float dtype).
@@ -92,7 +89,7 @@ def attend(
         out, lse = _softmax_pv(s, v, sink_logit)
     else:
         out, lse = _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_bits, promote_every,
-                                     l_of_rounded_p, p_ref)
+                                     p_ref)
     return out.to(q.dtype), lse.to(q.dtype)
 
 
@@ -111,7 +108,7 @@ def _softmax_pv(s, v, sink_logit):
 
 
 def _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_bits, promote_every,
-                      l_of_rounded_p=False, p_ref="running"):
+                      p_ref="running"):
     """Online softmax over key tiles, as the tensor-core prefill kernel computes it. acc, part
     and l are relative to exp(m_ref); m is the running max."""
     if p_ref not in ("running", "tile"):
@@ -123,7 +120,6 @@ def _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_
     l = torch.zeros_like(m)
     acc = torch.zeros(hq, lq, v.shape[-1], dtype=s.dtype, device=s.device)
     part = torch.zeros_like(acc)
-    l_part = torch.zeros_like(l)  # l_of_rounded_p: the sums' share of the tensor-core accumulator
     vh = v.permute(1, 0, 2)  # [Hq, Lk, D]
     num_tiles = -(-lk // block_n)
     for t in range(num_tiles):
@@ -134,25 +130,18 @@ def _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_
         r_use = torch.where(torch.isinf(r_new) & (r_new < 0), torch.zeros_like(r_new), r_new)
         alpha = torch.exp(m_ref - r_use)
         p = torch.exp(st - r_use[..., None])
-        l = l * alpha
-        if not l_of_rounded_p:
-            l = l + p.sum(-1)
+        l = l * alpha + p.sum(-1)
         if p_round is not None:  # the MMA's P: e4m3 for FP8 caches, the model dtype for 16-bit ones
             p = (p * p_scale).to(torch.float32).to(p_round).to(s.dtype) / p_scale
         acc = acc * alpha[..., None]
         part = part * alpha[..., None]
-        l_part = l_part * alpha
         vt = vh[:, t * block_n : (t + 1) * block_n]
         for k0 in range(0, st.shape[-1], 32):  # one MMA k-step
             part = part + p[..., k0 : k0 + 32] @ vt[:, k0 : k0 + 32]
-            if l_of_rounded_p:
-                l_part = l_part + p[..., k0 : k0 + 32].sum(-1)
             if mma_mantissa_bits is not None:
                 part = _truncate_mantissa(part, mma_mantissa_bits)
-                l_part = _truncate_mantissa(l_part, mma_mantissa_bits)
         if (promote_every > 0 and (t + 1) % promote_every == 0) or t == num_tiles - 1:
             acc, part = acc + part, torch.zeros_like(part)
-            l, l_part = l + l_part, torch.zeros_like(l_part)
         m, m_ref = m_new, r_new
     m = m_ref
     if sink_logit is not None:
