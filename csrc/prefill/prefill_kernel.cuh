@@ -140,6 +140,13 @@ struct PrefillConfig {
   }
 };
 
+// wgmma shared-memory matrix descriptor: start address, leading / stride byte offsets (each
+// stored >> 4) and the swizzle mode (bits 62-63: 1 = 128 B, 2 = 64 B).
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo, uint64_t swizzle_mode) {
+  return static_cast<uint64_t>(addr >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(sbo >> 4) << 32) | (swizzle_mode << 62);
+}
+
 // A K-major FP8 operand tile of R rows x KB bytes, as wgmma reads it: split into column chunks
 // of CW = min(KB, 128) bytes, each an R x CW block with the CW-byte swizzle (128 or 64).
 template <int R, int KB>
@@ -162,8 +169,7 @@ struct KMajorTile {
   // shared addresses stay below 2^18, so byte offsets / 16 add to it without carrying into the
   // LBO / SBO fields. The consumers build the bases once and add steps per tile.
   __device__ __forceinline__ static uint64_t desc_base(uint32_t tile_smem) {
-    return static_cast<uint64_t>(tile_smem >> 4) | (uint64_t{1} << 16) | (static_cast<uint64_t>((8 * CW) >> 4) << 32) |
-           (kSwizzleMode << 62);
+    return smem_desc(tile_smem, 16, 8 * CW, kSwizzleMode);
   }
   __host__ __device__ static constexpr uint32_t desc_step(int row0, int kstep) {
     return ((kstep * 32 / CW) * (R * CW) + row0 * CW + (kstep * 32) % CW) >> 4;
@@ -765,9 +771,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
   // kVDirect: V staging as an MN-major SWIZZLE_128B operand (CUTLASS's canonical ((8 x 16 B, m),
   // (8 rows, k)) : ((16 B, LBO), (128 B, SBO))): 64 dims per 128-byte column chunk, chunks
   // kBlockN * 128 bytes apart (LBO), 8-key row groups 1024 bytes apart (SBO), 16 keys a k-step.
-  uint64_t vt_desc0 = kVDirect ? (static_cast<uint64_t>(smem_addr(v_staging(0)) >> 4) |
-                                  (static_cast<uint64_t>(kBlockN * 128 >> 4) << 16) |
-                                  (static_cast<uint64_t>(1024 >> 4) << 32) | (uint64_t{1} << 62))
+  uint64_t vt_desc0 = kVDirect ? smem_desc(smem_addr(v_staging(0)), kBlockN * 128, 1024, 1)
                                : VtTile::desc_base(smem_addr(vt_tile(0)));
   // PV's B operand of output columns [sl * kPvN, +kPvN) at k-step c, and the MMA that reads it.
   auto pv_step = [&](int sl, int c) -> uint32_t {
