@@ -46,8 +46,7 @@ def _check(batch, rows, softmax_scale=0.125, window_left=-1, softcap=0.0, sinks=
                     softcap=softcap, sinks=sinks)
     fp8 = _fp8(batch)
     head_dim = batch.query.shape[-1]
-    # The kernel's key tile: FP8 128 (64 at head_dim 256); 16-bit caches half that at 128 and 256.
-    block_n = (64 if head_dim == 256 else 128) // (1 if fp8 or head_dim == 64 else 2)
+    block_n = torch.ops.fireattn.prefill_key_tile(head_dim, fp8)  # the build's tile, not restated
     emulation = dict(block_n=block_n, promote_every=promote_every)
     r32, rlp, rlse = reference_outputs(batch, lowp="fp8_mma", emulation=emulation,
                                        softmax_scale=softmax_scale, window_left=window_left, softcap=softcap,
@@ -236,7 +235,7 @@ def test_prefill_fp8_ignores_nan_keys_outside_the_range_in_loaded_pages(head_dim
     _head_dim_compiled(head_dim)
     batch = make_paged_batch([64], [1000], 8, 2, head_dim, fp8=True, seed=6)
     kw = dict(softmax_scale=head_dim**-0.5, window_left=100)  # visible keys: [836, 1000)
-    block_n = 64 if head_dim == 256 else 128
+    block_n = torch.ops.fireattn.prefill_key_tile(head_dim, True)
     r32, rlp, _ = reference_outputs(batch, lowp="fp8_mma", emulation=dict(block_n=block_n, promote_every=1), **kw)
     batch.kv_cache[batch.block_table[0, 836 // 16].long(), :, :, : 836 % 16] = 0x7F  # e4m3 NaN, keys 832..835
     batch.kv_cache[batch.block_table[0, 1000 // 16].long(), :, :, 1000 % 16 :] = 0x7F  # keys 1000..1007

@@ -50,4 +50,17 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
   fail_no_kernel("prefill", head_dim, qt, fp8);
 }
 
+// Keys per tile of the prefill kernel for (head_dim, cache kind): the tile in which P is rounded
+// against its own max, so the tests' emulation (the reference's precision="fp8_mma") takes it
+// from the build instead of restating it.
+int64_t prefill_key_tile(int64_t head_dim, bool fp8) {
+  switch (head_dim) {
+    case 64: return fp8 ? PrefillConfig<64, 1>::kBlockN : PrefillConfig<64, 2>::kBlockN;
+    case 128: return fp8 ? PrefillConfig<128, 1>::kBlockN : PrefillConfig<128, 2>::kBlockN;
+    case 256: return fp8 ? PrefillConfig<256, 1>::kBlockN : PrefillConfig<256, 2>::kBlockN;
+    default: TORCH_CHECK(false, "fireattn.prefill_key_tile: head_dim must be 64, 128 or 256, got ", num(head_dim));
+  }
+  return 0;
+}
+
 }  // namespace fireattn

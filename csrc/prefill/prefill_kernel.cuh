@@ -75,6 +75,10 @@ namespace fireattn {
 constexpr int kProducerExperiment = FIREATTN_PREFILL_PRODUCER_EXPERIMENT;
 // K / V ring depth of FP8 caches (16-bit caches keep 3 to fit shared memory). 4: H200, same run,
 // 1-2% faster than 3 at head_dim 128/256 (D128 1x16k 677 vs 670 TFLOP/s), equal at 64.
+// EXPERIMENT: see PrefillConfig::kWide16 (1, this branch's default; 0 = main's 16-bit tiles).
+#ifndef FIREATTN_PREFILL_16BIT_TILES
+#define FIREATTN_PREFILL_16BIT_TILES 1
+#endif
 #ifndef FIREATTN_PREFILL_STAGES
 #define FIREATTN_PREFILL_STAGES 4
 #endif
@@ -109,22 +113,27 @@ struct PrefillConfig {
   // setmaxnreg.inc blocks until the CTA's own pool (168 regs x 384 threads at launch) has the
   // registers, so the split must fit it or the consumers wait forever.
   static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 168 * 384, "register split exceeds the launch pool");
-  // head_dim 256 takes 64-key tiles and 64-wide PV slices so that the 128-register output
-  // accumulator, its promotion slice, S and P fit in a consumer's registers.
-  // 16-bit caches halve the keys per tile again so that the 3-stage ring fits shared memory.
-  static constexpr int kBlockN = (D == 256 ? 64 : 128) / (kElem == 2 && D >= 128 ? 2 : 1);
   // K/V by TMA into the K tile's layout (every cache but FP8 at head_dim 64, where cp.async was
   // faster; see the header).
   static constexpr bool kTmaLayout = kPrefillTma && (kElem == 2 || D >= 128);
+  // EXPERIMENT (FIREATTN_PREFILL_16BIT_TILES): 16-bit caches in the TMA layout keep no V^T tile
+  // (PV reads the staging tile) and accumulate PV straight into o_main (16-bit wgmma accumulates
+  // in FP32, so the FP8 path's two-level promotion buys nothing there), which frees the shared
+  // memory and registers for 128-key tiles at head_dim 128 and a 4-stage ring at 64 and 256.
+  static constexpr bool kWide16 = FIREATTN_PREFILL_16BIT_TILES != 0 && kElem == 2 && kTmaLayout;
+  // head_dim 256 takes 64-key tiles and 64-wide PV slices so that the 128-register output
+  // accumulator, its promotion slice, S and P fit in a consumer's registers.
+  // 16-bit caches halve the keys per tile again so that the 3-stage ring fits shared memory.
+  static constexpr int kBlockN = kWide16 ? (D == 256 ? 32 : 128) : (D == 256 ? 64 : 128) / (kElem == 2 && D >= 128 ? 2 : 1);
   static constexpr int kPvN = D == 256 ? 64 : D;  // output columns per PV wgmma
   static constexpr int kPvSlices = D / kPvN;
-  static constexpr int kStages = kElem == 1 ? FIREATTN_PREFILL_STAGES : 3;  // K / V ring depth
+  static constexpr int kStages = kElem == 1 ? FIREATTN_PREFILL_STAGES : (kWide16 && D != 128 ? 4 : 3);  // K / V ring depth
   static constexpr int kRowBytes = D * kElem;
   static constexpr int kKeysPerStep = 32 / kElem;  // keys of one PV k-step (32 bytes of V^T)
   static constexpr int kQBytes = kBlockM * kRowBytes;
   static constexpr int kKBytes = kBlockN * kRowBytes;
   static constexpr int kVStageBytes = kBlockN * kRowBytes;
-  static constexpr int kVtBytes = D * kBlockN * kElem;  // (unused by 16-bit caches in the TMA layout)
+  static constexpr int kVtBytes = kWide16 ? 0 : D * kBlockN * kElem;  // (unused by 16-bit caches in the TMA layout)
   static constexpr int kStageBytes = kKBytes + kVStageBytes + kVtBytes;
   static constexpr int kBarrierBytes = 3 * kStages * 8;
   static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + kBarrierBytes;
@@ -827,7 +836,19 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
 
     const uint64_t vt_desc = vt_desc0 + st * (Cfg::kStageBytes >> 4);
     const bool last = t + 1 == num_tiles;
-    if constexpr (kPvSlices == 1 && kEveryTile) {
+    if constexpr (kPvSlices == 1 && Cfg::kWide16) {
+      // 16-bit: rescale, then PV accumulates into o_main itself (FP32 on the tensor cores).
+#pragma unroll
+      for (int i = 0; i < kPvRegs; ++i) o_main[0][i] *= alpha[(i / 2) % 2];
+      wgmma_fence();
+      fence_regs(o_main[0]);
+#pragma unroll
+      for (int c = 0; c < kPSteps; ++c) pv_mma(o_main[0], pa[c], vt_desc + pv_step(0, c), 1);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(o_main[0]);
+      mbar_arrive(empty(st));
+    } else if constexpr (kPvSlices == 1 && kEveryTile) {
       wgmma_fence();
       fence_regs(o_part);
 #pragma unroll
@@ -868,7 +889,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
       // o_part, promoted at once (a second slice accumulator to overlap the promotion with the
       // next slice's MMA made ptxas serialize every wgmma of the kernel for lack of registers).
       static_assert(kPvSlices == 4, "head_dim 256: four 64-column slices");
-      if (promote_every == 0) {
+      if (Cfg::kWide16 || promote_every == 0) {
 #pragma unroll
         for (int sl = 0; sl < kPvSlices; ++sl)
 #pragma unroll
