@@ -73,12 +73,12 @@ namespace fireattn {
 #define FIREATTN_PREFILL_PRODUCER_EXPERIMENT 0
 #endif
 constexpr int kProducerExperiment = FIREATTN_PREFILL_PRODUCER_EXPERIMENT;
-// K / V ring depth of FP8 caches (16-bit caches keep 3 to fit shared memory). 4: H200, same run,
-// 1-2% faster than 3 at head_dim 128/256 (D128 1x16k 677 vs 670 TFLOP/s), equal at 64.
 // EXPERIMENT: see PrefillConfig::kWide16 (1, this branch's default; 0 = main's 16-bit tiles).
 #ifndef FIREATTN_PREFILL_16BIT_TILES
 #define FIREATTN_PREFILL_16BIT_TILES 1
 #endif
+// K / V ring depth of FP8 caches (16-bit caches keep 3 to fit shared memory). 4: H200, same run,
+// 1-2% faster than 3 at head_dim 128/256 (D128 1x16k 677 vs 670 TFLOP/s), equal at 64.
 #ifndef FIREATTN_PREFILL_STAGES
 #define FIREATTN_PREFILL_STAGES 4
 #endif
