@@ -28,6 +28,18 @@ def test_needle_prompt_has_the_exact_length_and_the_needle_at_depth():
         ev.needle_prompt(_tokenize, hay, 9000, 0.5, 1)
 
 
+def test_needle_prompt_takes_its_window_from_start():
+    hay = [0x4E00 + i for i in range(5000)]  # distinct tokens: the window's position is visible
+    ids = ev.needle_prompt(_tokenize, hay, 3000, 0.0, 12345, start=700)
+    after = ids[len(ev.INTRO) + len(ev.NEEDLE.format(key=12345)):]
+    assert after[:3] == hay[700:703]
+    budget = 3000 - len(ev.INTRO) - len(ev.NEEDLE.format(key=12345)) - len(ev.QUESTION)
+    assert ids[-len(ev.QUESTION) - 1] == hay[700 + budget - 1]
+    assert ev.needle_prompt(_tokenize, hay, 3000, 0.0, 12345, start=5000 - budget)  # the last window fits
+    with pytest.raises(ValueError, match="from token 4000 needs"):
+        ev.needle_prompt(_tokenize, hay, 3000, 0.5, 1, start=4000)
+
+
 def test_answers_and_perplexity():
     assert ev.found(" 12345. Remember", 12345) and ev.found(" 12,345", 12345) and not ev.found(" 1234", 12345)
     ppl, n = ev.perplexity([[None, math.log(0.5), math.log(0.25)], [None, math.log(0.5)]])

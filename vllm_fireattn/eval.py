@@ -9,9 +9,11 @@ Data (Paul Graham essays as the haystack, the King James Bible for perplexity):
 `python tools/eval_data.py stage --out DIR`. Real weights are needed (SmolLM2-135M:
 tools/smollm2.py). One `run` = one engine; results go to `<dir>/<model>__<backend>__<kv>[__label].json`.
 
-Passkey: a random 5-digit key is hidden at relative depth d of a haystack cut to exactly
+Passkey: a random 5-digit key is hidden at relative depth d of a haystack window cut to exactly
 `context` prompt tokens; the model is asked for it (greedy, 8 tokens); correct iff the digits
-appear in the answer. Perplexity: exp(mean negative log-likelihood) of the prompt tokens of
+appear in the answer. Every trial draws its own window start, so trials are independent samples
+(with one fixed window per depth, all trials of a depth shared one text and succeeded or failed
+together: 100 trials measured little more than one). Perplexity: exp(mean negative log-likelihood) of the prompt tokens of
 --ppl-windows windows of --ppl-window tokens (vLLM prompt logprobs; the first token of each window
 is not scored).
 """
@@ -30,16 +32,20 @@ NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
-def needle_prompt(tokenize, haystack_ids: list[int], context: int, depth: float, key: int) -> list[int]:
-    """Token ids of exactly `context` tokens: intro, haystack with the needle at `depth`, question."""
+def needle_prompt(tokenize, haystack_ids: list[int], context: int, depth: float, key: int,
+                  start: int = 0) -> list[int]:
+    """Token ids of exactly `context` tokens: intro, the haystack window beginning at token `start`
+    with the needle at `depth`, question."""
     intro, needle, question = tokenize(INTRO), tokenize(NEEDLE.format(key=key)), tokenize(QUESTION)
     budget = context - len(intro) - len(needle) - len(question)
     if budget < 1:
         raise ValueError(f"context {context} is too short for the passkey prompt")
-    if len(haystack_ids) < budget:
-        raise ValueError(f"the haystack has {len(haystack_ids)} tokens, context {context} needs {budget}")
+    if start < 0 or len(haystack_ids) < start + budget:
+        raise ValueError(f"the haystack has {len(haystack_ids)} tokens, context {context} from token {start} "
+                         f"needs {start + budget}")
+    window = haystack_ids[start : start + budget]
     cut = int(round(depth * budget))
-    return intro + haystack_ids[:cut] + needle + haystack_ids[cut:budget] + question
+    return intro + window[:cut] + needle + window[cut:] + question
 
 
 def found(answer: str, key: int) -> bool:
@@ -89,15 +95,18 @@ def run(a) -> Path:
     records.append(dict(base, bench="eval_ppl", window=a.ppl_window, windows=len(windows), tokens=n, ppl=ppl))
 
     rng = random.Random(a.seed)
-    jobs = [(c, d, t, rng.randrange(10000, 99999)) for c in a.contexts for d in a.depths for t in range(a.trials)]
+    if len(haystack) < max(a.contexts):
+        raise SystemExit(f"--haystack has {len(haystack)} tokens, fewer than --contexts {max(a.contexts)}")
+    jobs = [(c, d, t, rng.randrange(10000, 99999), rng.randrange(len(haystack) - c + 1))
+            for c in a.contexts for d in a.depths for t in range(a.trials)]
     params = SamplingParams(temperature=0.0, max_tokens=8)
-    prompts = [{"prompt_token_ids": needle_prompt(tokenize, haystack, c, d, k)} for c, d, _, k in jobs]
+    prompts = [{"prompt_token_ids": needle_prompt(tokenize, haystack, c, d, k, s)} for c, d, _, k, s in jobs]
     outs = []
     for i in tqdm(range(0, len(prompts), 16), desc="passkey", unit="batch"):
         outs += llm.generate(prompts[i : i + 16], params, use_tqdm=False)
-    for (c, d, t, k), o in zip(jobs, outs):
+    for (c, d, t, k, start), o in zip(jobs, outs):
         text = o.outputs[0].text
-        records.append(dict(base, bench="eval_needle", context=c, depth=d, trial=t, key=k, answer=text,
+        records.append(dict(base, bench="eval_needle", context=c, depth=d, trial=t, key=k, start=start, answer=text,
                             correct=found(text, k)))
     path = result_path(a.out_dir, a.model, a.backend, a.kv, a.label)
     path.parent.mkdir(parents=True, exist_ok=True)
