@@ -38,7 +38,7 @@ absmax / 448 would saturate). Softmax and PV stay exact here, so only the scale 
 unless --p-e4m3: then attention is computed as the FP8 prefill kernel does it, in key tiles of
 --block-n (128 for head_dim 64) with an online softmax, P rounded to e4m3 as sat_rne(p * 256) / 256
 before PV, and the row sum and output accumulated from unrounded exps in FP32 (the reference is
-still exact FP32 attention).
+still exact FP32 attention); --p-ref picks the max P is rounded against (tile: the kernel's).
 """
 import argparse
 import ast
@@ -78,12 +78,12 @@ def windows(tok, files: list[str], n: int, size: int) -> list[tuple[str, torch.T
     return out
 
 
-def attend_p_e4m3(q, k, v, scaling: float, block_n: int):
+def attend_p_e4m3(q, k, v, scaling: float, block_n: int, p_ref: str = "tile"):
     """Causal attention of one sequence as the FP8 prefill kernel computes it (the reference's
     tiled softmax with P rounded to e4m3 as sat_rne(P * 256) / 256): q [1, Hq, T, D],
     k/v [1, Hkv, T, D] -> ([1, T, Hq, D], None) as transformers' attention interface returns it."""
     out, _ = attend(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), scaling, True,
-                    p_fp8=True, block_n=block_n)
+                    p_fp8=True, block_n=block_n, p_ref=p_ref)
     return out[None], None
 
 
@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--window-tokens", type=int, default=1024)
     ap.add_argument("--p-e4m3", action="store_true", help="also round P to e4m3 (x256) like the prefill kernel")
     ap.add_argument("--block-n", type=int, default=128, help="key tile of the --p-e4m3 emulation")
+    ap.add_argument("--p-ref", choices=("tile", "running"), default="tile",
+                    help="--p-e4m3 rounds P against each tile's max (the kernel) or the running max")
     ap.add_argument("--dither", type=int, default=1, help="average each choice over K scale offsets spanning an octave")
     ap.add_argument("--json", help="write the per-window errors here")
     a = ap.parse_args()
@@ -142,7 +144,7 @@ def main() -> None:
             q, k, v = qkv_through_e4m3(q, k, v, qs, ks, vs)
             if a.p_e4m3:
                 assert q.shape[0] == 1 and q.shape[2] == k.shape[2], "one whole sequence per call"
-                return attend_p_e4m3(q, k, v, module.scaling, a.block_n)
+                return attend_p_e4m3(q, k, v, module.scaling, a.block_n, a.p_ref)
         return sdpa_attention_forward(module, q, k, v, mask, **kw)
 
     AttentionInterface.register("fireattn_scale_check", attention)
@@ -216,7 +218,7 @@ def main() -> None:
             print(f"{'':18s} by octave phase log2(offset) mod 1 in eighths: "
                   + " ".join(f"{sum(b) / len(b):+.4f}" if b else "-" for b in bins))
     if a.json:
-        Path(a.json).write_text(json.dumps({"windows": names, "window_tokens": a.window_tokens, "p_e4m3": a.p_e4m3,
+        Path(a.json).write_text(json.dumps({"windows": names, "window_tokens": a.window_tokens, "p_e4m3": a.p_e4m3, "p_ref": a.p_ref,
                                             "offsets": offsets, "errors": raw}, indent=1))
 
 

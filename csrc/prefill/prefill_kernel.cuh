@@ -73,11 +73,7 @@ namespace fireattn {
 #define FIREATTN_PREFILL_PRODUCER_EXPERIMENT 0
 #endif
 constexpr int kProducerExperiment = FIREATTN_PREFILL_PRODUCER_EXPERIMENT;
-// EXPERIMENT: see PrefillConfig::kWide16 (1, this branch's default; 0 = main's 16-bit tiles).
-#ifndef FIREATTN_PREFILL_16BIT_TILES
-#define FIREATTN_PREFILL_16BIT_TILES 1
-#endif
-// K / V ring depth of FP8 caches (16-bit caches keep 3 to fit shared memory). 4: H200, same run,
+// K / V ring depth of FP8 caches (16-bit caches: PrefillConfig::kStages). 4: H200, same run,
 // 1-2% faster than 3 at head_dim 128/256 (D128 1x16k 677 vs 670 TFLOP/s), equal at 64.
 #ifndef FIREATTN_PREFILL_STAGES
 #define FIREATTN_PREFILL_STAGES 4
@@ -116,24 +112,27 @@ struct PrefillConfig {
   // K/V by TMA into the K tile's layout (every cache but FP8 at head_dim 64, where cp.async was
   // faster; see the header).
   static constexpr bool kTmaLayout = kPrefillTma && (kElem == 2 || D >= 128);
-  // EXPERIMENT (FIREATTN_PREFILL_16BIT_TILES): 16-bit caches in the TMA layout keep no V^T tile
-  // (PV reads the staging tile) and accumulate PV straight into o_main (16-bit wgmma accumulates
-  // in FP32, so the FP8 path's two-level promotion buys nothing there), which frees the shared
-  // memory and registers for 128-key tiles at head_dim 128 and a 4-stage ring at 64 and 256.
-  static constexpr bool kWide16 = FIREATTN_PREFILL_16BIT_TILES != 0 && kElem == 2 && kTmaLayout;
-  // head_dim 256 takes 64-key tiles and 64-wide PV slices so that the 128-register output
-  // accumulator, its promotion slice, S and P fit in a consumer's registers.
-  // 16-bit caches halve the keys per tile again so that the 3-stage ring fits shared memory.
-  static constexpr int kBlockN = kWide16 ? (D == 256 ? 32 : 128) : (D == 256 ? 64 : 128) / (kElem == 2 && D >= 128 ? 2 : 1);
+  // 16-bit caches in the TMA layout keep no V^T tile (PV reads the staging tile) and accumulate
+  // PV straight into o_main (16-bit wgmma accumulates in FP32, so the FP8 path's two-level
+  // promotion buys nothing there). That frees the shared memory and registers for 128-key tiles
+  // at head_dim 128 and a 4-stage ring at 64 and 256: H200, same run, BF16 cache, 1 x 16k / 4 x 4k
+  // / 8 x 2k causal TFLOP/s, D128 521 / 441 / 363 vs 456 / 396 / 324 with 64-key tiles, a V^T-sized
+  // hole and two-level PV; D256 461 / 408 / 347 vs 417 / 381 / 326; D64 395 / 321 / 257 vs 389 / 318 / 253.
+  static constexpr bool kDirect16 = kElem == 2 && kTmaLayout;
+  // head_dim 256 takes 64-key tiles (32 for 16-bit caches, to fit the ring in shared memory) and
+  // 64-wide PV slices so that the 128-register output accumulator, its promotion slice, S and P
+  // fit in a consumer's registers. Without the TMA layout 16-bit caches halve the tile at D >= 128.
+  static constexpr int kBlockN = kDirect16 ? (D == 256 ? 32 : 128)
+                                           : (D == 256 ? 64 : 128) / (kElem == 2 && D >= 128 ? 2 : 1);
   static constexpr int kPvN = D == 256 ? 64 : D;  // output columns per PV wgmma
   static constexpr int kPvSlices = D / kPvN;
-  static constexpr int kStages = kElem == 1 ? FIREATTN_PREFILL_STAGES : (kWide16 && D != 128 ? 4 : 3);  // K / V ring depth
+  static constexpr int kStages = kElem == 1 ? FIREATTN_PREFILL_STAGES : (kDirect16 && D != 128 ? 4 : 3);  // K / V ring depth
   static constexpr int kRowBytes = D * kElem;
   static constexpr int kKeysPerStep = 32 / kElem;  // keys of one PV k-step (32 bytes of V^T)
   static constexpr int kQBytes = kBlockM * kRowBytes;
   static constexpr int kKBytes = kBlockN * kRowBytes;
   static constexpr int kVStageBytes = kBlockN * kRowBytes;
-  static constexpr int kVtBytes = kWide16 ? 0 : D * kBlockN * kElem;  // (unused by 16-bit caches in the TMA layout)
+  static constexpr int kVtBytes = kDirect16 ? 0 : D * kBlockN * kElem;  // V^T tile of the transposing paths
   static constexpr int kStageBytes = kKBytes + kVStageBytes + kVtBytes;
   static constexpr int kBarrierBytes = 3 * kStages * 8;
   static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + kBarrierBytes;
@@ -395,8 +394,8 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], 
 // kEveryTile: promote_every == 1, the default. Other intervals keep a second accumulator alive
 // across tiles, which costs head_dim / 2 registers (and spills at head_dim 128), so they get
 // their own instantiation. head_dim 256 promotes per 64-column slice and takes 0 or 1 at runtime.
-// 16-bit caches get only the kEveryTile instantiation below head_dim 256 (launch_prefill), so
-// promote_every only matters to them at head_dim 256.
+// 16-bit caches get only the kEveryTile instantiation below head_dim 256 (launch_prefill), and in
+// the TMA layout (kDirect16) accumulate PV into o_main directly, so promote_every does not change them.
 template <typename QT, bool kFp8, int N>
 using WgmmaFor = std::conditional_t<kFp8, WgmmaFp8<N>,
                                     std::conditional_t<std::is_same_v<QT, __nv_bfloat16>, WgmmaBf16<N>, WgmmaF16<N>>>;
@@ -836,7 +835,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
 
     const uint64_t vt_desc = vt_desc0 + st * (Cfg::kStageBytes >> 4);
     const bool last = t + 1 == num_tiles;
-    if constexpr (kPvSlices == 1 && Cfg::kWide16) {
+    if constexpr (kPvSlices == 1 && Cfg::kDirect16) {
       // 16-bit: rescale, then PV accumulates into o_main itself (FP32 on the tensor cores).
 #pragma unroll
       for (int i = 0; i < kPvRegs; ++i) o_main[0][i] *= alpha[(i / 2) % 2];
@@ -889,7 +888,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
       // o_part, promoted at once (a second slice accumulator to overlap the promotion with the
       // next slice's MMA made ptxas serialize every wgmma of the kernel for lack of registers).
       static_assert(kPvSlices == 4, "head_dim 256: four 64-column slices");
-      if (Cfg::kWide16 || promote_every == 0) {
+      if (Cfg::kDirect16 || promote_every == 0) {
 #pragma unroll
         for (int sl = 0; sl < kPvSlices; ++sl)
 #pragma unroll
