@@ -58,6 +58,27 @@ def test_report_tables_accuracy_per_context(tmp_path):
     assert ev.summarize(records)["FIREATTN fp8"]["needle"] == {1024: 100.0, 4096: 50.0}
 
 
+def test_report_pairs_each_variant_with_the_bf16_reference(tmp_path):
+    def needle(backend, kv, oks, context=1024):
+        return [dict(model="m", backend=backend, kv_dtype=kv, label="", bench="eval_needle", context=context,
+                     depth=0.5, trial=t, key=10000 + t, start=7 * t, correct=ok) for t, ok in enumerate(oks)]
+    ref = needle("FLASH_ATTN", "bf16", [True, True, True, False])
+    fp8 = needle("FIREATTN", "fp8", [True, False, True, True])  # one gained, one lost: 0 points
+    worse = needle("FLASH_ATTN", "fp8", [False, False, True, False])
+    unpaired = needle("FIREATTN", "bf16", [True], context=2048)
+    ppl = [dict(model="m", backend="FLASH_ATTN", kv_dtype="bf16", label="", bench="eval_ppl", ppl=9.5),
+           dict(model="m", backend="FIREATTN", kv_dtype="fp8", label="", bench="eval_ppl", ppl=9.75)]
+    d = ev.paired_differences(ref + fp8 + worse + unpaired)
+    assert d["FIREATTN fp8"][1024][0] == 0.0 and d["FIREATTN fp8"][1024][2] == 4
+    assert d["FIREATTN fp8"][1024][1] == pytest.approx(1.96 * math.sqrt(2 / 3) / 2 * 100)
+    assert d["FLASH_ATTN fp8"][1024][0] == -50.0
+    assert "FIREATTN bf16" not in d  # no prompt in common with the reference
+    (tmp_path / "r.json").write_text(json.dumps({"env": {}, "records": ref + fp8 + worse + ppl}))
+    text = ev.report(tmp_path, tmp_path / "eval.md").read_text()
+    assert "| FIREATTN fp8 | +0.250 | +0.0 +- 80.0 (4) |" in text
+    assert "| FLASH_ATTN fp8 | - | -50.0 +- " in text
+
+
 def test_cli_checks_inputs(tmp_path):
     with pytest.raises(SystemExit):
         ev.main(["run", "--model", str(tmp_path), "--kv", "fp8", "--haystack", "/nonexistent", "--ppl-text", "x"])

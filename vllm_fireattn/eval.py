@@ -115,18 +115,49 @@ def run(a) -> Path:
     return path
 
 
+def variant_name(r: dict) -> str:
+    return f"{r['backend']} {r['kv_dtype']}" + (f" ({r['label']})" if r.get("label") else "")
+
+
 def summarize(records: list[dict]) -> dict:
     """{variant: {"ppl": float, "needle": {context: accuracy in points}}}."""
     out: dict[str, dict] = {}
     for r in records:
-        v = f"{r['backend']} {r['kv_dtype']}" + (f" ({r['label']})" if r.get("label") else "")
-        d = out.setdefault(v, {"ppl": None, "needle": {}})
+        d = out.setdefault(variant_name(r), {"ppl": None, "needle": {}})
         if r["bench"] == "eval_ppl":
             d["ppl"] = r["ppl"]
         elif r["bench"] == "eval_needle":
             d["needle"].setdefault(r["context"], []).append(bool(r["correct"]))
     for d in out.values():
         d["needle"] = {c: 100.0 * sum(x) / len(x) for c, x in sorted(d["needle"].items())}
+    return out
+
+
+REFERENCE = "FLASH_ATTN bf16"
+
+
+def paired_differences(records: list[dict], reference: str = REFERENCE) -> dict:
+    """{variant: {context: (points, 95% half-width, prompts)}}: passkey accuracy minus the
+    reference's on the same prompts (same context, depth, key and window; runs with one --seed
+    draw the same ones), with a normal-approximation interval of the paired mean. Prompts that only
+    one side ran are left out; a variant that shares none with the reference is absent."""
+    trials: dict[str, dict] = {}
+    for r in records:
+        if r["bench"] == "eval_needle":
+            key = (r["context"], r.get("depth"), r.get("trial"), r.get("key"), r.get("start", 0))
+            trials.setdefault(variant_name(r), {})[key] = bool(r["correct"])
+    ref = trials.get(reference, {})
+    out: dict[str, dict] = {}
+    for v, t in sorted(trials.items()):
+        if v == reference:
+            continue
+        for c in sorted({k[0] for k in t}):
+            d = [float(ok) - float(ref[k]) for k, ok in t.items() if k[0] == c and k in ref]
+            if not d:
+                continue
+            n, m = len(d), sum(d) / len(d)
+            sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1)) if n > 1 else float("inf")
+            out.setdefault(v, {})[c] = (100.0 * m, 100.0 * 1.96 * sd / math.sqrt(n), n)
     return out
 
 
@@ -151,6 +182,19 @@ def report(result_dir: Path, out: Path) -> Path:
             ppl = "-" if d["ppl"] is None else f"{d['ppl']:.3f}"
             acc = " | ".join("-" if c not in d["needle"] else f"{d['needle'][c]:.0f}" for c in contexts)
             lines.append(f"| {v} | {ppl} | {acc} |")
+        diffs = paired_differences(records)
+        if diffs:
+            ref_ppl = s.get(REFERENCE, {}).get("ppl")
+            lines += ["", f"Against {REFERENCE} on the same prompts: passkey points (95% interval of the paired "
+                      "difference, prompts) and perplexity change.", "",
+                      "| variant | perplexity change | " + " | ".join(f"passkey @{c}" for c in contexts) + " |",
+                      "|---|---|" + "---|" * len(contexts)]
+            for v, by_c in diffs.items():
+                ppl = s[v]["ppl"]
+                dppl = "-" if ppl is None or ref_ppl is None else f"{ppl - ref_ppl:+.3f}"
+                cells = " | ".join("-" if c not in by_c else f"{by_c[c][0]:+.1f} +- {by_c[c][1]:.1f} ({by_c[c][2]})"
+                                   for c in contexts)
+                lines.append(f"| {v} | {dppl} | {cells} |")
         _plot(s, out.with_suffix(".png"))
         lines += ["", f"![passkey accuracy]({out.with_suffix('.png').name})"]
     out.write_text("\n".join(lines) + "\n")
