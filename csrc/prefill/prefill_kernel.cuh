@@ -337,7 +337,12 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // run: 672 / 500 vs 686 / 511 TFLOP/s, 1 x 16k / 4 x 4k); head_dim 256 measured 734 / 589
 // against 732 / 586 in an earlier call. O and l are kept in units of m_ref, so alpha (the
 // rescale between tiles) may exceed 1, by at most 2^kPRefSpan; the span only bounds that growth.
-constexpr float kPRefSpan = 8.f;
+// FIREATTN_P_REF_SPAN=0 gives the running max (accuracy experiments only; the reference's
+// P_REF_SPAN_LOG2 must match for the tests).
+#ifndef FIREATTN_P_REF_SPAN
+#define FIREATTN_P_REF_SPAN 8.f
+#endif
+constexpr float kPRefSpan = FIREATTN_P_REF_SPAN;
 
 template <int kSRegs, bool kMask, bool kSoftcap>
 __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], float (&m_ref)[2], float (&l)[2],
