@@ -75,6 +75,7 @@ def test_report_pairs_each_variant_with_the_bf16_reference(tmp_path):
     assert "FIREATTN bf16" not in d  # no prompt in common with the reference
     (tmp_path / "r.json").write_text(json.dumps({"env": {}, "records": ref + fp8 + worse + ppl}))
     text = ev.report(tmp_path, tmp_path / "eval.md").read_text()
+    assert ev.report(tmp_path, tmp_path / "eval.md").read_text() == text  # its own eval.json is not a result
     assert "| FIREATTN fp8 | +0.250 | +0.0 +- 80.0 (4) |" in text
     assert "| FLASH_ATTN fp8 | - | -50.0 +- " in text
 

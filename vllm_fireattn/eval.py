@@ -92,7 +92,10 @@ def run(a) -> Path:
                         SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
     lps = [[None if d is None else d[t].logprob for d, t in zip(o.prompt_logprobs, o.prompt_token_ids)] for o in outs]
     ppl, n = perplexity(lps)
-    records.append(dict(base, bench="eval_ppl", window=a.ppl_window, windows=len(windows), tokens=n, ppl=ppl))
+    # per-window mean NLL too: two variants' perplexities can then be compared window by window
+    window_nll = [-sum(x for x in w if x is not None) / max(1, sum(x is not None for x in w)) for w in lps]
+    records.append(dict(base, bench="eval_ppl", window=a.ppl_window, windows=len(windows), tokens=n, ppl=ppl,
+                        window_nll=window_nll))
 
     rng = random.Random(a.seed)
     if len(haystack) < max(a.contexts):
@@ -165,6 +168,8 @@ def report(result_dir: Path, out: Path) -> Path:
     records, envs = [], []
     for f in sorted(Path(result_dir).glob("*.json")):
         d = json.loads(f.read_text())
+        if "records" not in d:  # not a run's result (e.g. this report's own JSON)
+            continue
         records += d["records"]
         envs.append(d.get("env", {}))
     s = summarize(records)
