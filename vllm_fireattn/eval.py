@@ -13,9 +13,12 @@ Passkey: a random 5-digit key is hidden at relative depth d of a haystack window
 `context` prompt tokens; the model is asked for it (greedy, 8 tokens); correct iff the digits
 appear in the answer. Every trial draws its own window start, so trials are independent samples
 (with one fixed window per depth, all trials of a depth shared one text and succeeded or failed
-together: 100 trials measured little more than one). Perplexity: exp(mean negative log-likelihood) of the prompt tokens of
---ppl-windows windows of --ppl-window tokens (vLLM prompt logprobs; the first token of each window
-is not scored).
+together: 100 trials measured little more than one). The same --seed draws the same prompts, so
+`report` pairs every variant with FLASH_ATTN bf16 prompt by prompt.
+
+Perplexity: exp(mean negative log-likelihood) of the prompt tokens of --ppl-windows windows of
+--ppl-window tokens (vLLM prompt logprobs; the first token of each window is not scored); each
+window's mean NLL is recorded too.
 """
 from __future__ import annotations
 
