@@ -84,6 +84,8 @@ def run(a) -> Path:
     tokenize = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     hay_files = sorted(Path(a.haystack).glob("*.txt")) if Path(a.haystack).is_dir() else [Path(a.haystack)]
     haystack = tokenize("\n\n".join(f.read_text(errors="replace") for f in hay_files))
+    if len(haystack) < max(a.contexts):
+        raise SystemExit(f"--haystack has {len(haystack)} tokens, fewer than --contexts {max(a.contexts)}")
     base = dict(model=Path(a.model).name, backend=a.backend, kv_dtype="bf16" if a.kv == "auto" else a.kv,
                 label=a.label, additional_config=a.additional_config, skip_layers=a.skip_layers)
     records = []
@@ -101,8 +103,6 @@ def run(a) -> Path:
                         window_nll=window_nll))
 
     rng = random.Random(a.seed)
-    if len(haystack) < max(a.contexts):
-        raise SystemExit(f"--haystack has {len(haystack)} tokens, fewer than --contexts {max(a.contexts)}")
     jobs = [(c, d, t, rng.randrange(10000, 99999), rng.randrange(len(haystack) - c + 1))
             for c in a.contexts for d in a.depths for t in range(a.trials)]
     params = SamplingParams(temperature=0.0, max_tokens=8)
