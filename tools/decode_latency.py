@@ -3,7 +3,10 @@ each on its own KV cache (so nothing is served from L2), replayed; prints micros
 for FIREATTN (FP8 and BF16 caches) and vLLM's FA3 (BF16 and FP8) on the same shapes.
 
   python tools/decode_latency.py [--batch 1] [--contexts 1024 4096 ...] [--head-dim 128] [--splits N ...]
---splits adds fixed split counts next to the scheduler's choice.
+--splits adds fixed split counts next to the scheduler's choice. --cache-write puts each layer's
+KV write of the step's new token in the graph too (ours: fireattn.cache_write; FA3: vLLM's
+reshape_and_cache_flash), as a decode step runs them: at short contexts that write is a large
+part of the per-layer time.
 """
 from __future__ import annotations
 
@@ -51,8 +54,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--splits", type=int, nargs="*", default=[], help="extra fixed split counts to try")
     ap.add_argument("--fa3", action="store_true", help="also time FA3 BF16/FP8")
+    ap.add_argument("--cache-write", action="store_true", help="each layer also writes the new token's K/V")
     ap.add_argument("--json", help="append records here")
     a = ap.parse_args()
+    from vllm._custom_ops import reshape_and_cache_flash
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     d = a.head_dim
@@ -68,6 +73,10 @@ def main() -> None:
         seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
         cu_q = torch.arange(b + 1, dtype=torch.int32, device="cuda")
         one = torch.ones((), device="cuda")
+        # the step's new token of each sequence (position ctx - 1) and its cache slot
+        k_new = torch.randn(b, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        v_new = torch.randn(b, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        slots = (bt[:, (ctx - 1) // BLOCK].long() * BLOCK + (ctx - 1) % BLOCK).contiguous()
         ours = {}
         for kv in ("fp8", "bf16"):
             caches = []
@@ -75,12 +84,15 @@ def main() -> None:
                 c = torch.randn(b * nbs, 2, hkv, BLOCK, d, device="cuda", dtype=torch.bfloat16, generator=g)
                 caches.append(c.to(torch.float8_e4m3fn).view(torch.uint8) if kv == "fp8" else c)
             for ns in [None] + a.splits:
-                calls = [lambda c=c, ns=ns: ops.decode(out, q, c, bt, cu_q, seq_lens, one, one, one, d**-0.5, 1,
-                                                       num_splits=ns) for c in caches]
+                def step(c, ns):
+                    if a.cache_write:
+                        ops.cache_write(k_new, v_new, c, slots, one, one)
+                    ops.decode(out, q, c, bt, cu_q, seq_lens, one, one, one, d**-0.5, 1, num_splits=ns)
+                calls = [lambda c=c, ns=ns: step(c, ns) for c in caches]
                 us = graph_time_us(calls)
                 ours[(kv, ns)] = us
                 recs.append(dict(impl="fireattn", kv=kv, splits=ns or "auto", ctx=ctx, batch=b,
-                                 head_dim=d, us=us))
+                                 head_dim=d, us=us, cache_write=a.cache_write))
             del caches
         if a.fa3:
             for kv in ("bf16", "fp8"):
@@ -97,11 +109,16 @@ def main() -> None:
                 if kv == "fp8":
                     ds = one.expand(b, hkv)
                     kw = dict(q_descale=ds, k_descale=ds, v_descale=ds)
-                calls = [lambda k=k, v=v: flash_attn_varlen_func(qq, k, v, 1, cu_q, ctx, seqused_k=seq_lens,
-                                                                 block_table=bt, causal=True, softmax_scale=d**-0.5,
-                                                                 out=out, fa_version=3, **kw)
-                         for k, v in zip(ks, vs)]
-                recs.append(dict(impl="fa3", kv=kv, ctx=ctx, batch=b, head_dim=d, us=graph_time_us(calls)))
+                def fa3_step(k, v, kv=kv, qq=qq, kw=kw):
+                    if a.cache_write:
+                        raw = (lambda t: t.view(torch.uint8)) if kv == "fp8" else (lambda t: t)  # vLLM's cache dtype
+                        reshape_and_cache_flash(k_new, v_new, raw(k), raw(v), slots, "fp8" if kv == "fp8" else "auto",
+                                                one, one)
+                    flash_attn_varlen_func(qq, k, v, 1, cu_q, ctx, seqused_k=seq_lens, block_table=bt, causal=True,
+                                           softmax_scale=d**-0.5, out=out, fa_version=3, **kw)
+                calls = [lambda k=k, v=v: fa3_step(k, v) for k, v in zip(ks, vs)]
+                recs.append(dict(impl="fa3", kv=kv, ctx=ctx, batch=b, head_dim=d, us=graph_time_us(calls),
+                                 cache_write=a.cache_write))
                 del ks, vs
         torch.cuda.empty_cache()
     for r in recs:
