@@ -66,8 +66,10 @@ def test_report_pairs_each_variant_with_the_bf16_reference(tmp_path):
     fp8 = needle("FIREATTN", "fp8", [True, False, True, True])  # one gained, one lost: 0 points
     worse = needle("FLASH_ATTN", "fp8", [False, False, True, False])
     unpaired = needle("FIREATTN", "bf16", [True], context=2048)
-    ppl = [dict(model="m", backend="FLASH_ATTN", kv_dtype="bf16", label="", bench="eval_ppl", ppl=9.5),
-           dict(model="m", backend="FIREATTN", kv_dtype="fp8", label="", bench="eval_ppl", ppl=9.75)]
+    ppl = [dict(model="m", backend="FLASH_ATTN", kv_dtype="bf16", label="", bench="eval_ppl", ppl=9.5,
+                window_nll=[2.0, 2.5, 2.25]),
+           dict(model="m", backend="FIREATTN", kv_dtype="fp8", label="", bench="eval_ppl", ppl=9.75,
+                window_nll=[2.02, 2.53, 2.28])]
     d = ev.paired_differences(ref + fp8 + worse + unpaired)
     assert d["FIREATTN fp8"][1024][0] == 0.0 and d["FIREATTN fp8"][1024][2] == 4
     assert d["FIREATTN fp8"][1024][1] == pytest.approx(1.96 * math.sqrt(2 / 3) / 2 * 100)
@@ -76,7 +78,9 @@ def test_report_pairs_each_variant_with_the_bf16_reference(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"env": {}, "records": ref + fp8 + worse + ppl}))
     text = ev.report(tmp_path, tmp_path / "eval.md").read_text()
     assert ev.report(tmp_path, tmp_path / "eval.md").read_text() == text  # its own eval.json is not a result
-    assert "| FIREATTN fp8 | +0.250 | +0.0 +- 80.0 (4) |" in text
+    assert "| FIREATTN fp8 | +0.250 (NLL +0.0267 +- 0.0065, 3 windows) | +0.0 +- 80.0 (4) |" in text
+    m, hw, n = ev.paired_nll(ppl)["FIREATTN fp8"]
+    assert n == 3 and m == pytest.approx(0.08 / 3) and hw == pytest.approx(1.96 * math.sqrt(((0.02 - m) ** 2 + 2 * (0.03 - m) ** 2) / 2) / math.sqrt(3))
     assert "| FLASH_ATTN fp8 | - | -50.0 +- " in text
 
 

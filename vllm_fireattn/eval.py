@@ -167,6 +167,23 @@ def paired_differences(records: list[dict], reference: str = REFERENCE) -> dict:
     return out
 
 
+def paired_nll(records: list[dict], reference: str = REFERENCE) -> dict:
+    """{variant: (mean per-window NLL difference in nats, 95% half-width, windows)} against the
+    reference, for runs that recorded window_nll over the same windows (same --ppl-window and
+    --ppl-windows); the window-to-window spread of the text cancels in the pairing."""
+    nll = {variant_name(r): r["window_nll"] for r in records if r["bench"] == "eval_ppl" and r.get("window_nll")}
+    ref = nll.get(reference)
+    out = {}
+    for v, w in sorted(nll.items()):
+        if v == reference or ref is None or len(w) != len(ref):
+            continue
+        d = [a - b for a, b in zip(w, ref)]
+        n, m = len(d), sum(d) / len(d)
+        sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1)) if n > 1 else float("inf")
+        out[v] = (m, 1.96 * sd / math.sqrt(n), n)
+    return out
+
+
 def report(result_dir: Path, out: Path) -> Path:
     records, envs = [], []
     for f in sorted(Path(result_dir).glob("*.json")):
@@ -193,13 +210,17 @@ def report(result_dir: Path, out: Path) -> Path:
         diffs = paired_differences(records)
         if diffs:
             ref_ppl = s.get(REFERENCE, {}).get("ppl")
+            nll = paired_nll(records)
             lines += ["", f"Against {REFERENCE} on the same prompts: passkey points (95% interval of the paired "
-                      "difference, prompts) and perplexity change.", "",
+                      "difference, prompts) and perplexity change (with the paired per-window NLL difference "
+                      "in nats where both runs recorded it).", "",
                       "| variant | perplexity change | " + " | ".join(f"passkey @{c}" for c in contexts) + " |",
                       "|---|---|" + "---|" * len(contexts)]
             for v, by_c in diffs.items():
                 ppl = s[v]["ppl"]
                 dppl = "-" if ppl is None or ref_ppl is None else f"{ppl - ref_ppl:+.3f}"
+                if v in nll:
+                    dppl += f" (NLL {nll[v][0]:+.4f} +- {nll[v][1]:.4f}, {nll[v][2]} windows)"
                 cells = " | ".join("-" if c not in by_c else f"{by_c[c][0]:+.1f} +- {by_c[c][1]:.1f} ({by_c[c][2]})"
                                    for c in contexts)
                 lines.append(f"| {v} | {dppl} | {cells} |")
