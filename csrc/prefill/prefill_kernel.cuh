@@ -13,17 +13,17 @@
 //   out = O * v_scale / (256 * l)
 // BF16/FP16 cache (the same precision="fp8_mma" with P rounded to the model dtype): Q, K and V
 // as stored, no scales; S on 16-bit tensor cores (k16, FP32 accumulator); P * 256 rounded to the
-// model dtype; PV on 16-bit tensor cores into FP32. Key tiles are half as long at head_dim 128
-// and 256 (64 and 32 keys) so that the 3-stage ring of 16-bit tiles fits shared memory.
+// model dtype; PV on 16-bit tensor cores straight into the FP32 output accumulator. Key tiles:
+// 128 keys (FP8 head_dim 256: 64; 16-bit head_dim 256: 32, to fit the ring in shared memory).
 //
 // Work split: one CTA (3 warpgroups, 128 rows) per (row tile, sequence, kv head). A row is a
 // (query token, query head of this kv head's group) pair, so a GQA group shares every K/V
 // byte. Warpgroup 0 is the producer: K into a swizzled K-major tile and V into a staging tile
 // (by TMA, see "TMA producer" below, except FP8 caches at head_dim 64, which take cp.async),
-// a 4-stage (16-bit: 3) mbarrier ring ahead of the consumers. FP8 V is then transposed into
-// the K-major V^T tile FP8 wgmma needs (it has no transposed-B mode): with TMA, warp 0 only
-// issues loads and warps 1-3 only transpose (ldmatrix / stmatrix); otherwise all four do both
-// in one loop (LDS / STS transpose). 16-bit caches in the TMA layout transpose nothing: PV reads
+// a 4-stage mbarrier ring (16-bit caches: 3 at head_dim 128 or without TMA) ahead of the
+// consumers. FP8 V is then transposed into the K-major V^T tile FP8 wgmma needs (it has no
+// transposed-B mode): with TMA, warp 0 only issues loads and warps 1-3 only transpose
+// (ldmatrix / stmatrix); otherwise all four do both in one loop (LDS / STS transpose). 16-bit caches in the TMA layout transpose nothing: PV reads
 // V from the staging tile as an MN-major operand (wgmma's transposed-B mode; H200, BF16 cache,
 // 1 x 16k / 4 x 4k causal, same run: 408 / 324, 454 / 401, 435 / 391 TFLOP/s at head_dim 64 /
 // 128 / 256 against 371 / 296, 415 / 361, 395 / 340 with the transpose).
@@ -416,8 +416,6 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
   // kTmaLayout: V staging in the K tile's layout (TMA's swizzle), read by the TMA transpose;
   // tma: the loads are TMA (else cp.async into that layout, the host's run-time fallback).
   constexpr bool kTmaLayout = PrefillConfig<D, kElem>::kTmaLayout;
-  // kVDirect: PV reads V from the staging tile (16-bit caches in the TMA layout; see the header).
-  constexpr bool kVDirect = kTmaLayout && !kFp8;
 #if FIREATTN_PREFILL_TMA
   const bool tma = kTmaLayout && kProducerExperiment < 2 && use_tma != 0;  // experiment 2 issues no loads
 #else
@@ -587,8 +585,8 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
           named_barrier(3, tr_threads);  // ids 1, 2: consumer warpgroups
         }
       }
-      if constexpr (kProducerExperiment >= 1 || kVDirect) {
-        (void)src, (void)dst;  // kVDirect: nothing to transpose, the consumers read the staging tile
+      if constexpr (kProducerExperiment >= 1 || Cfg::kDirect16) {
+        (void)src, (void)dst;  // kDirect16: nothing to transpose, the consumers read the staging tile
       } else if constexpr (kTmaLayout) {
         // ldmatrix / stmatrix transpose (mirrored and checked offline by
         // tools/tma_layout_check.py). A warp-wide unit moves 16 keys x 32 dims: ldmatrix.x4
@@ -781,18 +779,18 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
   // and integer instructions per tile in issue-bound warps).
   uint64_t q_desc = QTile::desc_base(smem_addr(q_s)) + QTile::desc_step(wg * 64, 0);
   uint64_t k_desc0 = KTile::desc_base(smem_addr(k_tile(0)));
-  // kVDirect: V staging as an MN-major SWIZZLE_128B operand (CUTLASS's canonical ((8 x 16 B, m),
+  // kDirect16: V staging as an MN-major SWIZZLE_128B operand (CUTLASS's canonical ((8 x 16 B, m),
   // (8 rows, k)) : ((16 B, LBO), (128 B, SBO))): 64 dims per 128-byte column chunk, chunks
   // kBlockN * 128 bytes apart (LBO), 8-key row groups 1024 bytes apart (SBO), 16 keys a k-step.
-  uint64_t vt_desc0 = kVDirect ? smem_desc(smem_addr(v_staging(0)), kBlockN * 128, 1024, 1)
-                               : VtTile::desc_base(smem_addr(vt_tile(0)));
+  uint64_t vt_desc0 = Cfg::kDirect16 ? smem_desc(smem_addr(v_staging(0)), kBlockN * 128, 1024, 1)
+                                     : VtTile::desc_base(smem_addr(vt_tile(0)));
   // PV's B operand of output columns [sl * kPvN, +kPvN) at k-step c, and the MMA that reads it.
   auto pv_step = [&](int sl, int c) -> uint32_t {
-    if constexpr (kVDirect) return (sl * (kPvN / 64) * (kBlockN * 128) + c * 16 * 128) >> 4;
+    if constexpr (Cfg::kDirect16) return (sl * (kPvN / 64) * (kBlockN * 128) + c * 16 * 128) >> 4;
     else return VtTile::desc_step(sl * kPvN, c);
   };
   auto pv_mma = [&](float(&acc)[kPvRegs], const uint32_t(&a)[4], uint64_t desc, int scale_d) {
-    if constexpr (kVDirect) PV::rs_t(acc, a, desc, scale_d);
+    if constexpr (Cfg::kDirect16) PV::rs_t(acc, a, desc, scale_d);
     else PV::rs(acc, a, desc, scale_d);
   };
   opaque(q_desc);
@@ -840,17 +838,27 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
 
     const uint64_t vt_desc = vt_desc0 + st * (Cfg::kStageBytes >> 4);
     const bool last = t + 1 == num_tiles;
-    if constexpr (kPvSlices == 1 && Cfg::kDirect16) {
-      // 16-bit: rescale, then PV accumulates into o_main itself (FP32 on the tensor cores).
+    // Every slice rescaled, then PV accumulated on the tensor cores in o_main itself, as one
+    // group: 16-bit caches (their wgmma accumulates in FP32) and FP8 head_dim 256 never promoted.
+    auto pv_into_main = [&] {
 #pragma unroll
-      for (int i = 0; i < kPvRegs; ++i) o_main[0][i] *= alpha[(i / 2) % 2];
+      for (int sl = 0; sl < kPvSlices; ++sl)
+#pragma unroll
+        for (int i = 0; i < kPvRegs; ++i) o_main[sl][i] *= alpha[(i / 2) % 2];
       wgmma_fence();
-      fence_regs(o_main[0]);
 #pragma unroll
-      for (int c = 0; c < kPSteps; ++c) pv_mma(o_main[0], pa[c], vt_desc + pv_step(0, c), 1);
+      for (int sl = 0; sl < kPvSlices; ++sl) {
+        fence_regs(o_main[sl]);
+#pragma unroll
+        for (int c = 0; c < kPSteps; ++c) pv_mma(o_main[sl], pa[c], vt_desc + pv_step(sl, c), 1);
+      }
       wgmma_commit();
       wgmma_wait<0>();
-      fence_regs(o_main[0]);
+#pragma unroll
+      for (int sl = 0; sl < kPvSlices; ++sl) fence_regs(o_main[sl]);
+    };
+    if constexpr (Cfg::kDirect16) {
+      pv_into_main();
       mbar_arrive(empty(st));
     } else if constexpr (kPvSlices == 1 && kEveryTile) {
       wgmma_fence();
@@ -888,27 +896,13 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
         part_empty = true;
       }
     } else {
-      // head_dim 256: 64-column slices. promote_every 0: all four rescaled, then accumulated on
-      // the tensor cores in o_main itself as one group. Every tile: one slice at a time into
-      // o_part, promoted at once (a second slice accumulator to overlap the promotion with the
-      // next slice's MMA made ptxas serialize every wgmma of the kernel for lack of registers).
+      // FP8 head_dim 256: 64-column slices. promote_every 0: pv_into_main. Every tile: one slice
+      // at a time into o_part, promoted at once (a second slice accumulator to overlap the
+      // promotion with the next slice's MMA made ptxas serialize every wgmma of the kernel for
+      // lack of registers).
       static_assert(kPvSlices == 4, "head_dim 256: four 64-column slices");
-      if (Cfg::kDirect16 || promote_every == 0) {
-#pragma unroll
-        for (int sl = 0; sl < kPvSlices; ++sl)
-#pragma unroll
-          for (int i = 0; i < kPvRegs; ++i) o_main[sl][i] *= alpha[(i / 2) % 2];
-        wgmma_fence();
-#pragma unroll
-        for (int sl = 0; sl < kPvSlices; ++sl) {
-          fence_regs(o_main[sl]);
-#pragma unroll
-          for (int c = 0; c < kPSteps; ++c) pv_mma(o_main[sl], pa[c], vt_desc + pv_step(sl, c), 1);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-#pragma unroll
-        for (int sl = 0; sl < kPvSlices; ++sl) fence_regs(o_main[sl]);
+      if (promote_every == 0) {
+        pv_into_main();
       } else {
 #pragma unroll
         for (int sl = 0; sl < kPvSlices; ++sl) {
