@@ -77,6 +77,11 @@ def main() -> None:
         k_new = torch.randn(b, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
         v_new = torch.randn(b, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
         slots = (bt[:, (ctx - 1) // BLOCK].long() * BLOCK + (ctx - 1) % BLOCK).contiguous()
+        def step(c, ns):  # one layer: the new token's KV write (with --cache-write), then decode
+            if a.cache_write:
+                ops.cache_write(k_new, v_new, c, slots, one, one)
+            ops.decode(out, q, c, bt, cu_q, seq_lens, one, one, one, d**-0.5, 1, num_splits=ns)
+
         ours = {}
         for kv in ("fp8", "bf16"):
             caches = []
@@ -84,10 +89,6 @@ def main() -> None:
                 c = torch.randn(b * nbs, 2, hkv, BLOCK, d, device="cuda", dtype=torch.bfloat16, generator=g)
                 caches.append(c.to(torch.float8_e4m3fn).view(torch.uint8) if kv == "fp8" else c)
             for ns in [None] + a.splits:
-                def step(c, ns):
-                    if a.cache_write:
-                        ops.cache_write(k_new, v_new, c, slots, one, one)
-                    ops.decode(out, q, c, bt, cu_q, seq_lens, one, one, one, d**-0.5, 1, num_splits=ns)
                 calls = [lambda c=c, ns=ns: step(c, ns) for c in caches]
                 us = graph_time_us(calls)
                 ours[(kv, ns)] = us
@@ -109,11 +110,12 @@ def main() -> None:
                 if kv == "fp8":
                     ds = one.expand(b, hkv)
                     kw = dict(q_descale=ds, k_descale=ds, v_descale=ds)
-                def fa3_step(k, v, kv=kv, qq=qq, kw=kw):
+                # vLLM writes FP8 caches as uint8 ("fp8") and reads them as float8_e4m3fn
+                write_kv, cache_dtype = (lambda t: t.view(torch.uint8), "fp8") if kv == "fp8" else (lambda t: t, "auto")
+
+                def fa3_step(k, v, qq=qq, kw=kw, write_kv=write_kv, cache_dtype=cache_dtype):
                     if a.cache_write:
-                        raw = (lambda t: t.view(torch.uint8)) if kv == "fp8" else (lambda t: t)  # vLLM's cache dtype
-                        reshape_and_cache_flash(k_new, v_new, raw(k), raw(v), slots, "fp8" if kv == "fp8" else "auto",
-                                                one, one)
+                        reshape_and_cache_flash(k_new, v_new, write_kv(k), write_kv(v), slots, cache_dtype, one, one)
                     flash_attn_varlen_func(qq, k, v, 1, cu_q, ctx, seqused_k=seq_lens, block_table=bt, causal=True,
                                            softmax_scale=d**-0.5, out=out, fa_version=3, **kw)
                 calls = [lambda k=k, v=v: fa3_step(k, v) for k, v in zip(ks, vs)]
