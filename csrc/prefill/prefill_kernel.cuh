@@ -720,13 +720,13 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
     // thread, serial before the first QK^T; it weighs most on short sequences). |x| is first
     // clamped to 1024 * q_scale (both sides saturate e4m3 beyond 448 * q_scale), so nothing
     // overflows. Checked against exact rational arithmetic (tools/q_div_check.py):
-    // equal to RN(x / s) up to the sign of a zero x (a NaN query saturates instead of staying NaN).
+    // equal to RN(x / s), signed zeros included (a NaN query saturates instead of staying NaN).
     const float q_rcp = __frcp_rn(q_scale), q_lim = 1024.f * q_scale;
     auto q_div = [&](float x) {
       x = fminf(fmaxf(x, -q_lim), q_lim);
       float y = __fmul_rn(x, q_rcp);
       y = fmaf(fmaf(-q_scale, y, x), q_rcp, y);
-      return fmaf(fmaf(-q_scale, y, x), q_rcp, y);
+      return copysignf(fmaf(fmaf(-q_scale, y, x), q_rcp, y), x);  // -0 / s stays -0 (the FMAs give +0)
     };
 #else
     auto q_div = [&](float x) { return __fdiv_rn(x, q_scale); };
