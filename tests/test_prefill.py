@@ -268,6 +268,17 @@ def test_prefill_producer_index_math_offline():
 
 
 @pytest.mark.cpu
+def test_prefill_fast_q_division_is_correctly_rounded_offline():
+    """CPU: tools/q_div_check.py proves, in exact rational arithmetic, that the prefill's Q
+    division (reciprocal + two FMA corrections, after the saturation clamp) equals RN(x / s) for
+    BF16 queries and awkward scales (mantissas near 1 and 2, calibration-like values)."""
+    tool = Path(__file__).resolve().parents[1] / "tools" / "q_div_check.py"
+    res = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "0 after two" in res.stdout
+
+
+@pytest.mark.cpu
 def test_sass_loop_mix_walks_the_common_path():
     """CPU: tools/sass_loop_mix.py counts loop head .. fall-through softmax .. PV .. back branch,
     skipping the other softmax variants (synthetic listing in cuobjdump's format)."""

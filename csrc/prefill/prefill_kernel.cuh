@@ -97,6 +97,11 @@ constexpr int kProducerExperiment = FIREATTN_PREFILL_PRODUCER_EXPERIMENT;
 // layout, zero-fill as before) when the map cannot be made: block_size not a power of two or
 // < 16, misaligned base or block stride, no driver entry point, or FIREATTN_DISABLE_TMA=1.
 constexpr bool kPrefillTma = FIREATTN_PREFILL_TMA != 0;
+// EXPERIMENT: Q's division by its scale without __fdiv_rn (see the Q prologue). 1 = this
+// branch's default, 0 = main.
+#ifndef FIREATTN_PREFILL_Q_DIV_FAST
+#define FIREATTN_PREFILL_Q_DIV_FAST 1
+#endif
 
 // kElem: cache bytes per element (1: FP8 e4m3 with FP8 MMAs; 2: a BF16/FP16 cache with 16-bit MMAs).
 template <int D, int kElem = 1>
@@ -706,6 +711,24 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
   {
     constexpr int kPieces = D / 16;
     const QT* q = static_cast<const QT*>(p.q);
+#if FIREATTN_PREFILL_Q_DIV_FAST
+    // EXPERIMENT (exp/prefill-q-quant): x / q_scale as RN(1 / q_scale) and two FMA remainder
+    // corrections (Markstein): the correctly rounded quotient without __fdiv_rn's per-element
+    // reciprocal refinement, range check and slow-path branch (~1.4k prologue instructions per
+    // thread, serial before the first QK^T; it weighs most on short sequences). |x| is first
+    // clamped to 1024 * q_scale (both sides saturate e4m3 beyond 448 * q_scale), so nothing
+    // overflows. Checked against exact rational arithmetic (tools/q_div_check.py):
+    // equal to RN(x / s), signed zeros included (a NaN query saturates instead of staying NaN).
+    const float q_rcp = __frcp_rn(q_scale), q_lim = 1024.f * q_scale;
+    auto q_div = [&](float x) {
+      x = fminf(fmaxf(x, -q_lim), q_lim);
+      float y = __fmul_rn(x, q_rcp);
+      y = fmaf(fmaf(-q_scale, y, x), q_rcp, y);
+      return copysignf(fmaf(fmaf(-q_scale, y, x), q_rcp, y), x);  // -0 / s stays -0 (the FMAs give +0)
+    };
+#else
+    auto q_div = [&](float x) { return __fdiv_rn(x, q_scale); };
+#endif
     for (int i = ctid; i < 64 * kPieces; i += 128) {
       const int r = wg * 64 + i / kPieces, piece = i % kPieces;
       const int row = row0 + r;
@@ -718,8 +741,8 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
           const QT* h = reinterpret_cast<const QT*>(raw);
 #pragma unroll
           for (int j = 0; j < 4; ++j)
-            w[j] = pack_e4m3x4(__fdiv_rn(to_float(h[4 * j]), q_scale), __fdiv_rn(to_float(h[4 * j + 1]), q_scale),
-                               __fdiv_rn(to_float(h[4 * j + 2]), q_scale), __fdiv_rn(to_float(h[4 * j + 3]), q_scale));
+            w[j] = pack_e4m3x4(q_div(to_float(h[4 * j])), q_div(to_float(h[4 * j + 1])),
+                               q_div(to_float(h[4 * j + 2])), q_div(to_float(h[4 * j + 3])));
         }
         sts128(smem_addr(q_s) + QTile::offset(r, piece * 16), make_uint4(w[0], w[1], w[2], w[3]));
       } else {  // 16-bit: the query as it is, 16 elements = 32 bytes
