@@ -57,10 +57,11 @@ def run_matrix_transpose(D, N, staging):
     for unit in range(groups * (D // 32)):
         kg, dg = unit % groups, unit // groups
         ld_addr = [ktile_offset(N, D, kg * 16 + LD_KEYS[(ln // 8) % 2][ln % 8], (dg * 2 + ln // 16) * 16) for ln in range(32)]
+        cw = min(D, 128)
         for ln in range(32):  # the kernel's hoisted form of the same offsets
             key = LD_KEYS[(ln // 8) % 2][ln % 8]
-            ld_x = ((ln // 16) * 16) ^ ((key % 8) << 4)
-            assert ld_addr[ln] == (kg * 16 + key) * 128 + (dg * 32 // 128) * (N * 128) + ((dg * 32 % 128) ^ ld_x)
+            ld_x = ((ln // 16) * 16) ^ (((key % 8) << 4) if cw == 128 else ((key & 6) << 3))
+            assert ld_addr[ln] == (kg * 16 + key) * cw + (dg * 32 // cw) * (N * cw) + ((dg * 32 % cw) ^ ld_x)
         for m in range(4):
             g = [(a >> 4) & 7 for a in ld_addr[8 * m:8 * m + 8]]
             worst = max(worst, max(g.count(x) for x in g))
@@ -154,7 +155,7 @@ for D, N in ((64, 128), (128, 128), (256, 64)):
             assert vt_old[ktile_offset(VtR, VtKB, d, 4 * w)] == expected_vt_word(V, d, w), (D, N, d, w)
     print(f"D{D} N{N}: LDS transpose gives the P fragment's key order in V^T")
     print(f"D{D} N{N}: TMA layout == KMajorTile for bs 16..256; LDS transpose: worst LDS.128 quarter-warp conflict {w_old}-way")
-    if D >= 128:
+    if True:  # head_dim 64: the FIREATTN_PREFILL_D64_TMA experiment (64-byte K rows, SWIZZLE_64B)
         vt_lsm, w_lsm = run_matrix_transpose(D, N, tma)
         assert vt_lsm == vt_old, D
         print(f"D{D}: ldmatrix/stmatrix transpose writes the same V^T; worst 8-row phase conflict {w_lsm}-way")

@@ -97,6 +97,13 @@ constexpr int kProducerExperiment = FIREATTN_PREFILL_PRODUCER_EXPERIMENT;
 // layout, zero-fill as before) when the map cannot be made: block_size not a power of two or
 // < 16, misaligned base or block stride, no driver entry point, or FIREATTN_DISABLE_TMA=1.
 constexpr bool kPrefillTma = FIREATTN_PREFILL_TMA != 0;
+// EXPERIMENT (exp/prefill-d64-tma): FP8 head_dim 64 takes the TMA producer with split roles too
+// (64-byte K rows, SWIZZLE_64B; the ldmatrix transpose's lane offsets follow the 64-byte swizzle,
+// checked by tools/tma_layout_check.py). 1 = this branch's default, 0 = main's cp.async producer.
+#ifndef FIREATTN_PREFILL_D64_TMA
+#define FIREATTN_PREFILL_D64_TMA 1
+#endif
+constexpr bool kPrefillD64Tma = FIREATTN_PREFILL_D64_TMA != 0;
 
 // kElem: cache bytes per element (1: FP8 e4m3 with FP8 MMAs; 2: a BF16/FP16 cache with 16-bit MMAs).
 template <int D, int kElem = 1>
@@ -111,7 +118,7 @@ struct PrefillConfig {
   static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 168 * 384, "register split exceeds the launch pool");
   // K/V by TMA into the K tile's layout (every cache but FP8 at head_dim 64, where cp.async was
   // faster; see the header).
-  static constexpr bool kTmaLayout = kPrefillTma && (kElem == 2 || D >= 128);
+  static constexpr bool kTmaLayout = kPrefillTma && (kElem == 2 || D >= 128 || kPrefillD64Tma);
   // 16-bit caches in the TMA layout keep no V^T tile (PV reads the staging tile) and accumulate
   // PV straight into o_main (16-bit wgmma accumulates in FP32, so the FP8 path's two-level
   // promotion buys nothing there). That frees the shared memory and registers for 128-key tiles
@@ -605,10 +612,11 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
         constexpr int kGroups = kBlockN / 16, kUnits = kGroups * (D / 32);
         const int r8 = lane % 8, q = lane % 4;
         const int ld_key = (lane / 8) % 2 == 0 ? (r8 % 2 ? r8 + 8 : r8) : (r8 % 2 ? r8 + 7 : r8 + 1);
-        // K-tile layout (128-byte rows or column chunks, swizzle (row % 8) << 4): (group kg,
-        // dims 32 dg..) of the lane sits at (kg * 16 + ld_key) * 128 + column chunk +
-        // ((32 dg % 128) ^ ld_x), as the dims and the lane's 16-byte half have disjoint bits.
-        const uint32_t ld_x = (lane / 16) * 16 ^ (ld_key % 8) << 4;
+        // K-tile layout (128-byte rows or column chunks, swizzle (row % 8) << 4; 64-byte rows at
+        // head_dim 64, swizzle (row & 6) << 3): (group kg, dims 32 dg..) of the lane sits at
+        // (kg * 16 + ld_key) * CW + column chunk + ((32 dg % CW) ^ ld_x), as the dims and the
+        // lane's 16-byte half have disjoint bits.
+        const uint32_t ld_x = (lane / 16) * 16 ^ (KTile::CW == 128 ? (ld_key % 8) << 4 : (ld_key & 6) << 3);
         const uint32_t a = (lane / 4) % 2 == 0 ? 0u : 4u, b = 4u - a;
         auto sel = [&](uint32_t i, uint32_t i2) { return (a + i) | (b + i) << 4 | (a + i2) << 8 | (b + i2) << 12; };
         const uint32_t sel_x = q < 2 ? sel(0, 1) : sel(2, 3), sel_y = q < 2 ? sel(2, 3) : sel(0, 1);
