@@ -1,8 +1,8 @@
 """Offline check of the prefill producer's index math (no GPU): that TMA's SWIZZLE_128B / 64B,
 as an XOR of smem address bits, puts page boxes exactly where KMajorTile::offset expects them
-(block sizes 16..256); that the FP8 ldmatrix / stmatrix V transpose of the TMA layout (head_dim
-128/256) writes the same V^T words as the LDS / STS transpose of the v_staging_offset layout
-(FP8 head_dim 64, and every cache in a FIREATTN_PREFILL_TMA=0 build), with the bank conflicts of
+(block sizes 16..256); that the FP8 ldmatrix / stmatrix V transpose of the TMA layout (every
+head_dim) writes the same V^T words as the LDS / STS transpose of the v_staging_offset layout
+(every cache in a FIREATTN_PREFILL_TMA=0 build), with the bank conflicts of
 both; and the page boxes a tile issues. (16-bit caches in the TMA layout transpose nothing: PV
 reads the staging tile itself.) Mirrors csrc/prefill/prefill_kernel.cuh by hand: keep the two in step."""
 import random
@@ -57,10 +57,11 @@ def run_matrix_transpose(D, N, staging):
     for unit in range(groups * (D // 32)):
         kg, dg = unit % groups, unit // groups
         ld_addr = [ktile_offset(N, D, kg * 16 + LD_KEYS[(ln // 8) % 2][ln % 8], (dg * 2 + ln // 16) * 16) for ln in range(32)]
+        cw = min(D, 128)
         for ln in range(32):  # the kernel's hoisted form of the same offsets
             key = LD_KEYS[(ln // 8) % 2][ln % 8]
-            ld_x = ((ln // 16) * 16) ^ ((key % 8) << 4)
-            assert ld_addr[ln] == (kg * 16 + key) * 128 + (dg * 32 // 128) * (N * 128) + ((dg * 32 % 128) ^ ld_x)
+            ld_x = ((ln // 16) * 16) ^ (((key % 8) << 4) if cw == 128 else ((key & 6) << 3))
+            assert ld_addr[ln] == (kg * 16 + key) * cw + (dg * 32 // cw) * (N * cw) + ((dg * 32 % cw) ^ ld_x)
         for m in range(4):
             g = [(a >> 4) & 7 for a in ld_addr[8 * m:8 * m + 8]]
             worst = max(worst, max(g.count(x) for x in g))
@@ -154,10 +155,9 @@ for D, N in ((64, 128), (128, 128), (256, 64)):
             assert vt_old[ktile_offset(VtR, VtKB, d, 4 * w)] == expected_vt_word(V, d, w), (D, N, d, w)
     print(f"D{D} N{N}: LDS transpose gives the P fragment's key order in V^T")
     print(f"D{D} N{N}: TMA layout == KMajorTile for bs 16..256; LDS transpose: worst LDS.128 quarter-warp conflict {w_old}-way")
-    if D >= 128:
-        vt_lsm, w_lsm = run_matrix_transpose(D, N, tma)
-        assert vt_lsm == vt_old, D
-        print(f"D{D}: ldmatrix/stmatrix transpose writes the same V^T; worst 8-row phase conflict {w_lsm}-way")
+    vt_lsm, w_lsm = run_matrix_transpose(D, N, tma)  # head_dim 64: 64-byte K rows, SWIZZLE_64B
+    assert vt_lsm == vt_old, D
+    print(f"D{D}: ldmatrix/stmatrix transpose writes the same V^T; worst 8-row phase conflict {w_lsm}-way")
 
 # Page boxes of a tile (lanes of warp 0): cover [max(k0, kv_begin), min(k0 + N, kv_end)), stay inside
 # one page and the tile, start 16-key aligned, and only name pages holding a visible key.

@@ -19,7 +19,7 @@
 // Work split: one CTA (3 warpgroups, 128 rows) per (row tile, sequence, kv head). A row is a
 // (query token, query head of this kv head's group) pair, so a GQA group shares every K/V
 // byte. Warpgroup 0 is the producer: K into a swizzled K-major tile and V into a staging tile
-// (by TMA, see "TMA producer" below, except FP8 caches at head_dim 64, which take cp.async),
+// (by TMA, see "TMA producer" below),
 // a 4-stage mbarrier ring (16-bit caches: 3 at head_dim 128 or without TMA) ahead of the
 // consumers. FP8 V is then transposed into the K-major V^T tile FP8 wgmma needs (it has no
 // transposed-B mode): with TMA, warp 0 only issues loads and warps 1-3 only transpose
@@ -38,8 +38,9 @@
 // FIREATTN_PREFILL_TMA (default 1): 0 builds the cp.async producer only (for A/B timing).
 // H200, 1 x 16k / 4 x 4k causal, same run, before the producer's roles were split: TMA 589 / 455
 // TFLOP/s at head_dim 128 and 600 / 488 at 256 against cp.async 461 / 385 and 459 / 394; at
-// head_dim 64 TMA measured 363 / 290 against cp.async 408 / 315, so FP8 head_dim 64 keeps
-// cp.async. 16-bit caches (BF16, 1 x 16k / 4 x 4k): TMA + split roles 349 / 287, 402 / 351 and
+// head_dim 64 TMA measured 363 / 290 against cp.async 408 / 315 then; with split roles and the
+// transpose's lane offsets following the 64-byte swizzle, FP8 head_dim 64 TMA is 422 / 326 /
+// 252 against cp.async 413 / 321 / 249 (1 x 16k / 4 x 4k / 8 x 2k, H200, same run). 16-bit caches (BF16, 1 x 16k / 4 x 4k): TMA + split roles 349 / 287, 402 / 351 and
 // 364 / 333 at head_dim 64 / 128 / 256 against cp.async 234 / 201, 241 / 220 and 233 / 219.
 #pragma once
 #ifndef FIREATTN_PREFILL_TMA
@@ -79,7 +80,7 @@ constexpr int kProducerExperiment = FIREATTN_PREFILL_PRODUCER_EXPERIMENT;
 #define FIREATTN_PREFILL_STAGES 4
 #endif
 
-// TMA producer (all caches but FP8 at head_dim 64; FIREATTN_PREFILL_TMA=0 compiles it out).
+// TMA producer (every cache and head_dim; FIREATTN_PREFILL_TMA=0 compiles it out).
 // One tensor map views the cache as [num_blocks][2 * Hkv * block_size rows][row bytes] (the
 // inner dims are compact, so (K/V, head, key) is one row index; the block stride stays a
 // runtime stride). Per tile, lanes of producer warp 0 each take one box = one page slice of
@@ -97,11 +98,6 @@ constexpr int kProducerExperiment = FIREATTN_PREFILL_PRODUCER_EXPERIMENT;
 // layout, zero-fill as before) when the map cannot be made: block_size not a power of two or
 // < 16, misaligned base or block stride, no driver entry point, or FIREATTN_DISABLE_TMA=1.
 constexpr bool kPrefillTma = FIREATTN_PREFILL_TMA != 0;
-// EXPERIMENT: Q's division by its scale without __fdiv_rn (see the Q prologue). 1 = this
-// branch's default, 0 = main.
-#ifndef FIREATTN_PREFILL_Q_DIV_FAST
-#define FIREATTN_PREFILL_Q_DIV_FAST 1
-#endif
 
 // kElem: cache bytes per element (1: FP8 e4m3 with FP8 MMAs; 2: a BF16/FP16 cache with 16-bit MMAs).
 template <int D, int kElem = 1>
@@ -114,9 +110,8 @@ struct PrefillConfig {
   // setmaxnreg.inc blocks until the CTA's own pool (168 regs x 384 threads at launch) has the
   // registers, so the split must fit it or the consumers wait forever.
   static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 168 * 384, "register split exceeds the launch pool");
-  // K/V by TMA into the K tile's layout (every cache but FP8 at head_dim 64, where cp.async was
-  // faster; see the header).
-  static constexpr bool kTmaLayout = kPrefillTma && (kElem == 2 || D >= 128);
+  // K/V by TMA into the K tile's layout (the cp.async fallback fills the same layout).
+  static constexpr bool kTmaLayout = kPrefillTma;
   // 16-bit caches in the TMA layout keep no V^T tile (PV reads the staging tile) and accumulate
   // PV straight into o_main (16-bit wgmma accumulates in FP32, so the FP8 path's two-level
   // promotion buys nothing there). That frees the shared memory and registers for 128-key tiles
@@ -608,10 +603,11 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
         constexpr int kGroups = kBlockN / 16, kUnits = kGroups * (D / 32);
         const int r8 = lane % 8, q = lane % 4;
         const int ld_key = (lane / 8) % 2 == 0 ? (r8 % 2 ? r8 + 8 : r8) : (r8 % 2 ? r8 + 7 : r8 + 1);
-        // K-tile layout (128-byte rows or column chunks, swizzle (row % 8) << 4): (group kg,
-        // dims 32 dg..) of the lane sits at (kg * 16 + ld_key) * 128 + column chunk +
-        // ((32 dg % 128) ^ ld_x), as the dims and the lane's 16-byte half have disjoint bits.
-        const uint32_t ld_x = (lane / 16) * 16 ^ (ld_key % 8) << 4;
+        // K-tile layout (128-byte rows or column chunks, swizzle (row % 8) << 4; 64-byte rows at
+        // head_dim 64, swizzle (row & 6) << 3): (group kg, dims 32 dg..) of the lane sits at
+        // (kg * 16 + ld_key) * CW + column chunk + ((32 dg % CW) ^ ld_x), as the dims and the
+        // lane's 16-byte half have disjoint bits.
+        const uint32_t ld_x = (lane / 16) * 16 ^ (KTile::CW == 128 ? (ld_key % 8) << 4 : (ld_key & 6) << 3);
         const uint32_t a = (lane / 4) % 2 == 0 ? 0u : 4u, b = 4u - a;
         auto sel = [&](uint32_t i, uint32_t i2) { return (a + i) | (b + i) << 4 | (a + i2) << 8 | (b + i2) << 12; };
         const uint32_t sel_x = q < 2 ? sel(0, 1) : sel(2, 3), sel_y = q < 2 ? sel(2, 3) : sel(0, 1);
@@ -711,14 +707,15 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
   {
     constexpr int kPieces = D / 16;
     const QT* q = static_cast<const QT*>(p.q);
-#if FIREATTN_PREFILL_Q_DIV_FAST
-    // EXPERIMENT (exp/prefill-q-quant): x / q_scale as RN(1 / q_scale) and two FMA remainder
+    // x / q_scale as RN(1 / q_scale) and two FMA remainder
     // corrections (Markstein): the correctly rounded quotient without __fdiv_rn's per-element
     // reciprocal refinement, range check and slow-path branch (~1.4k prologue instructions per
     // thread, serial before the first QK^T; it weighs most on short sequences). |x| is first
     // clamped to 1024 * q_scale (both sides saturate e4m3 beyond 448 * q_scale), so nothing
     // overflows. Checked against exact rational arithmetic (tools/q_div_check.py):
     // equal to RN(x / s), signed zeros included (a NaN query saturates instead of staying NaN).
+    // H200, same run, FP8 cache, causal TFLOP/s 4 x 4k / 8 x 2k / 1 x 1k: head_dim 128 524 / 401 /
+    // 193 against 501 / 377 / 181 with __fdiv_rn, head_dim 256 603 / 472 / 212 against 582 / 445 / 198.
     const float q_rcp = __frcp_rn(q_scale), q_lim = 1024.f * q_scale;
     auto q_div = [&](float x) {
       x = fminf(fmaxf(x, -q_lim), q_lim);
@@ -726,9 +723,6 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
       y = fmaf(fmaf(-q_scale, y, x), q_rcp, y);
       return copysignf(fmaf(fmaf(-q_scale, y, x), q_rcp, y), x);  // -0 / s stays -0 (the FMAs give +0)
     };
-#else
-    auto q_div = [&](float x) { return __fdiv_rn(x, q_scale); };
-#endif
     for (int i = ctid; i < 64 * kPieces; i += 128) {
       const int r = wg * 64 + i / kPieces, piece = i % kPieces;
       const int row = row0 + r;
