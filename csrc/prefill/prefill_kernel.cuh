@@ -344,20 +344,24 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 constexpr float kPRefSpan = FIREATTN_P_REF_SPAN;
 
+// The row max and row sum run as kChains independent partial chains per row, both rows
+// interleaved: a single fmaxf / += chain over a row's 32 values (128-key tile) was 64 dependent
+// ALU ops per tile (row 1's chain started after row 0's), and the exps waited on all of it.
 template <int kSRegs, bool kMask, bool kSoftcap>
 __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], float (&m_ref)[2], float (&l)[2],
                                              float (&alpha)[2],
                                              float scale_log2, float score_scale, float softcap,
                                              const TileMask& tm) {
   constexpr float kLog2e = 1.4426950408889634f;
+  constexpr int kChains = kSRegs / 4 >= 4 ? 4 : kSRegs / 4;  // i-steps of 2 values per row each
   // With a soft cap the scores are transformed into log2 units here; otherwise the scale is
   // folded into the exponent's FFMA (it is positive, so the max commutes with it).
   const float exp_scale = kSoftcap ? 1.f : scale_log2;
+  float mx[2][kChains];  // the first kChains i-steps start the chains (no -inf / 0 seed op)
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float mx = -CUDART_INF_F;
+  for (int i = 0; i < kSRegs / 4; ++i)
 #pragma unroll
-    for (int i = 0; i < kSRegs / 4; ++i)
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float x = s[4 * i + 2 * h + e];
@@ -370,29 +374,52 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], 
           x = visible ? x : -CUDART_INF_F;
         }
         s[4 * i + 2 * h + e] = x;
-        mx = fmaxf(mx, x);
+        if (i < kChains && e == 0) mx[h][i] = x;
+        else mx[h][i % kChains] = fmaxf(mx[h][i % kChains], x);
       }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float t_max = mx * exp_scale;
+  float offset[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int w = kChains / 2; w >= 1; w /= 2)
+#pragma unroll
+      for (int c = 0; c < w; ++c) mx[h][c] = fmaxf(mx[h][c], mx[h][c + w]);
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) mx[h][0] = fmaxf(mx[h][0], __shfl_xor_sync(0xffffffffu, mx[h][0], 1));
+#pragma unroll
+  for (int h = 0; h < 2; ++h) mx[h][0] = fmaxf(mx[h][0], __shfl_xor_sync(0xffffffffu, mx[h][0], 2));
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float t_max = mx[h][0] * exp_scale;
     const float m_new = fmaxf(m[h], t_max);
     // = fmaxf(t_max, m_new - kPRefSpan), with one dependent op after t_max instead of three.
     const float r_new = fmaxf(t_max, m[h] - kPRefSpan);
     const float r_use = r_new == -CUDART_INF_F ? 0.f : r_new;  // nothing visible yet: keep exps at 0
     alpha[h] = fast_exp2(m_ref[h] - r_use);
-    const float offset = 8.f - r_use;  // P * 256 = 2^(x - m_ref + 8)
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < kSRegs / 4; ++i)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float pr = fast_exp2(fmaf(s[4 * i + 2 * h + e], exp_scale, offset));
-        s[4 * i + 2 * h + e] = pr;
-        sum += pr;
-      }
-    l[h] = l[h] * alpha[h] + sum;
+    offset[h] = 8.f - r_use;  // P * 256 = 2^(x - m_ref + 8)
     m[h] = m_new;
     m_ref[h] = r_new;
+  }
+  float sum[2][kChains];
+#pragma unroll
+  for (int i = 0; i < kSRegs / 4; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float pr = fast_exp2(fmaf(s[4 * i + 2 * h + e], exp_scale, offset[h]));
+        s[4 * i + 2 * h + e] = pr;
+        if (i < kChains && e == 0) sum[h][i] = pr;
+        else sum[h][i % kChains] += pr;
+      }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int w = kChains / 2; w >= 1; w /= 2)
+#pragma unroll
+      for (int c = 0; c < w; ++c) sum[h][c] += sum[h][c + w];
+    l[h] = l[h] * alpha[h] + sum[h][0];
   }
 }
 
