@@ -353,7 +353,10 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], 
                                              float scale_log2, float score_scale, float softcap,
                                              const TileMask& tm) {
   constexpr float kLog2e = 1.4426950408889634f;
-  constexpr int kChains = kSRegs / 4 >= 4 ? 4 : kSRegs / 4;  // i-steps of 2 values per row each
+#ifndef FIREATTN_SOFTMAX_CHAINS
+#define FIREATTN_SOFTMAX_CHAINS 4
+#endif
+  constexpr int kChains = kSRegs / 4 >= FIREATTN_SOFTMAX_CHAINS ? FIREATTN_SOFTMAX_CHAINS : kSRegs / 4;  // i-steps of 2 values per row each
   // With a soft cap the scores are transformed into log2 units here; otherwise the scale is
   // folded into the exponent's FFMA (it is positive, so the max commutes with it).
   const float exp_scale = kSoftcap ? 1.f : scale_log2;
