@@ -347,16 +347,19 @@ constexpr float kPRefSpan = FIREATTN_P_REF_SPAN;
 // The row max and row sum run as kChains independent partial chains per row, both rows
 // interleaved: a single fmaxf / += chain over a row's 32 values (128-key tile) was 64 dependent
 // ALU ops per tile (row 1's chain started after row 0's), and the exps waited on all of it.
-template <int kSRegs, bool kMask, bool kSoftcap>
+#ifndef FIREATTN_SOFTMAX_CHAINS
+#define FIREATTN_SOFTMAX_CHAINS 2
+#endif
+#ifndef FIREATTN_SOFTMAX_CHAINS_16
+#define FIREATTN_SOFTMAX_CHAINS_16 1
+#endif
+template <int kSRegs, bool kMask, bool kSoftcap, int kChainsWanted>
 __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], float (&m_ref)[2], float (&l)[2],
                                              float (&alpha)[2],
                                              float scale_log2, float score_scale, float softcap,
                                              const TileMask& tm) {
   constexpr float kLog2e = 1.4426950408889634f;
-#ifndef FIREATTN_SOFTMAX_CHAINS
-#define FIREATTN_SOFTMAX_CHAINS 4
-#endif
-  constexpr int kChains = kSRegs / 4 >= FIREATTN_SOFTMAX_CHAINS ? FIREATTN_SOFTMAX_CHAINS : kSRegs / 4;  // i-steps of 2 values per row each
+  constexpr int kChains = kSRegs / 4 >= kChainsWanted ? kChainsWanted : kSRegs / 4;  // i-steps of 2 values per row each
   // With a soft cap the scores are transformed into log2 units here; otherwise the scale is
   // folded into the exponent's FFMA (it is positive, so the max commutes with it).
   const float exp_scale = kSoftcap ? 1.f : scale_log2;
@@ -803,6 +806,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
 #pragma unroll
   for (int i = 0; i < kPvRegs; ++i) o_part[i] = 0.f;
   float m[2] = {-CUDART_INF_F, -CUDART_INF_F};  // running max, log2 units
+  constexpr int kSoftmaxChains = kFp8 ? FIREATTN_SOFTMAX_CHAINS : FIREATTN_SOFTMAX_CHAINS_16;
   float m_ref[2] = {-CUDART_INF_F, -CUDART_INF_F};  // what O and l are relative to (softmax_tile)
   float l[2] = {0.f, 0.f};                      // this thread's share of the row sums of P * 256
   float part_alpha[2] = {1.f, 1.f};             // o_main's rescale owed since the last promotion
@@ -814,11 +818,11 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
                            (p.window_left >= 0 && k0 < last_pos - p.window_left);
     const TileMask tm{k0 + 2 * tq, kv_end, {pos[0], pos[1]}, p.causal, p.window_left};
     if (p.softcap > 0.f)
-      softmax_tile<kSRegs, true, true>(s, m, m_ref, l, alpha, scale_log2, score_scale, p.softcap, tm);
+      softmax_tile<kSRegs, true, true, kSoftmaxChains>(s, m, m_ref, l, alpha, scale_log2, score_scale, p.softcap, tm);
     else if (need_mask)
-      softmax_tile<kSRegs, true, false>(s, m, m_ref, l, alpha, scale_log2, score_scale, p.softcap, tm);
+      softmax_tile<kSRegs, true, false, kSoftmaxChains>(s, m, m_ref, l, alpha, scale_log2, score_scale, p.softcap, tm);
     else
-      softmax_tile<kSRegs, false, false>(s, m, m_ref, l, alpha, scale_log2, score_scale, p.softcap, tm);
+      softmax_tile<kSRegs, false, false, kSoftmaxChains>(s, m, m_ref, l, alpha, scale_log2, score_scale, p.softcap, tm);
   };
 
   // wgmma descriptors, built once: per tile only the stage and k-step offsets are added (the
