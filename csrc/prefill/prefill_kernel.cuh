@@ -346,13 +346,11 @@ constexpr float kPRefSpan = FIREATTN_P_REF_SPAN;
 
 // The row max and row sum run as kChains independent partial chains per row, both rows
 // interleaved: a single fmaxf / += chain over a row's 32 values (128-key tile) was 64 dependent
-// ALU ops per tile (row 1's chain started after row 0's), and the exps waited on all of it.
-#ifndef FIREATTN_SOFTMAX_CHAINS
-#define FIREATTN_SOFTMAX_CHAINS 2
-#endif
-#ifndef FIREATTN_SOFTMAX_CHAINS_16
-#define FIREATTN_SOFTMAX_CHAINS_16 1
-#endif
+// ALU ops per tile (row 1's chain started after row 0's), and the exps waited on all of it
+// (ncu, head_dim 128 1 x 16k: 'wait' the top stall, 1.65 of 6.3 cycles per issue). H200, same
+// run, causal TFLOP/s: FP8 with 2 chains head_dim 64 1 x 16k / 4 x 4k 451 / 343 vs 426 / 334,
+// 128 688 / 525 vs 679 / 523, 256 749 / 625 vs 738 / 605; 4 chains gained nothing; 16-bit
+// caches lost ~2.5% at head_dim 64 with 2 or 4 chains and keep one (rows still interleaved).
 template <int kSRegs, bool kMask, bool kSoftcap, int kChainsWanted>
 __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], float (&m_ref)[2], float (&l)[2],
                                              float (&alpha)[2],
@@ -806,7 +804,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
 #pragma unroll
   for (int i = 0; i < kPvRegs; ++i) o_part[i] = 0.f;
   float m[2] = {-CUDART_INF_F, -CUDART_INF_F};  // running max, log2 units
-  constexpr int kSoftmaxChains = kFp8 ? FIREATTN_SOFTMAX_CHAINS : FIREATTN_SOFTMAX_CHAINS_16;
+  constexpr int kSoftmaxChains = kFp8 ? 2 : 1;  // see softmax_tile
   float m_ref[2] = {-CUDART_INF_F, -CUDART_INF_F};  // what O and l are relative to (softmax_tile)
   float l[2] = {0.f, 0.f};                      // this thread's share of the row sums of P * 256
   float part_alpha[2] = {1.f, 1.f};             // o_main's rescale owed since the last promotion
