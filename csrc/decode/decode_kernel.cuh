@@ -60,9 +60,15 @@ struct DecodeParams {
 // dependent loads (H200, batch 1, head_dim 128, one CUDA graph of 16 layers: 1k 14.5 -> 12.2 us,
 // 2k 15.5 -> 14.5, 4k 18.0 -> 17.3); beyond 32 splits the merge costs more than it saves
 // (8k: 128-key splits 23.1 us vs 21.0).
-constexpr int kDecodeShortSplitKeys = 128;
+#ifndef FIREATTN_DECODE_SHORT_SPLIT_KEYS
+#define FIREATTN_DECODE_SHORT_SPLIT_KEYS 128
+#endif
+#ifndef FIREATTN_DECODE_MIN_SPLIT_KEYS
+#define FIREATTN_DECODE_MIN_SPLIT_KEYS 256
+#endif
+constexpr int kDecodeShortSplitKeys = FIREATTN_DECODE_SHORT_SPLIT_KEYS;
 constexpr int kDecodeShortSplits = 32;
-constexpr int kDecodeMinSplitKeys = 256;
+constexpr int kDecodeMinSplitKeys = FIREATTN_DECODE_MIN_SPLIT_KEYS;
 constexpr int kDecodeMaxSplits = 256;
 
 // A sequence's key range [begin, end) (begin aligned down to 16) and its split count.
