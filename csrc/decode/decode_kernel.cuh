@@ -51,6 +51,9 @@ struct DecodeParams {
 #ifndef FIREATTN_DECODE_MIN_BLOCKS
 #define FIREATTN_DECODE_MIN_BLOCKS 4
 #endif
+#ifndef FIREATTN_DECODE_SPLIT_SLOWEST  // EXPERIMENT: 1 = split index slowest in the grid
+#define FIREATTN_DECODE_SPLIT_SLOWEST 1
+#endif
 #ifndef FIREATTN_DECODE_L2_PREFETCH  // bytes: 256, 128, or 0 (no hint)
 #define FIREATTN_DECODE_L2_PREFETCH 256
 #endif
@@ -243,8 +246,16 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
   constexpr int kRows = Cfg::kRows, kSubs = Cfg::kSubs, kStageKeys = Cfg::kStageKeys;
   const AttentionParams& p = dp.a;
 
+#if FIREATTN_DECODE_SPLIT_SLOWEST
+  // Split index slowest in launch order: every sequence's first splits are dispatched before any
+  // CTA past a short sequence's split count, which exits after reading seq_len (a global-memory
+  // round trip holding an SM slot) and would otherwise queue in front of real work.
+  const int seq = blockIdx.y, split = blockIdx.z;
+  const int kvh = blockIdx.x / dp.row_tiles, rt = blockIdx.x % dp.row_tiles;
+#else
   const int seq = blockIdx.z, kvh = blockIdx.y;
   const int split = blockIdx.x / dp.row_tiles, rt = blockIdx.x % dp.row_tiles;
+#endif
   const int q_begin = p.cu_seqlens_q[seq];
   const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
   const int seq_len = p.seq_lens[seq];
@@ -641,7 +652,11 @@ int decode_ctas_per_sm() {
 template <typename QT, bool kFp8, int D>
 void launch_decode(const DecodeParams& dp, cudaStream_t stream) {
   using Cfg = DecodeConfig<QT, kFp8, D>;
+#if FIREATTN_DECODE_SPLIT_SLOWEST
+  const dim3 grid(dp.row_tiles * dp.a.num_kv_heads, dp.a.num_seqs, dp.num_splits);
+#else
   const dim3 grid(dp.num_splits * dp.row_tiles, dp.a.num_kv_heads, dp.a.num_seqs);
+#endif
   decode_kernel<QT, kFp8, D><<<grid, Cfg::kThreads, 0, stream>>>(dp);
   if (dp.num_splits > 1) {
     const dim3 cgrid(dp.row_tiles, dp.a.num_kv_heads, dp.a.num_seqs);
