@@ -51,23 +51,22 @@ struct DecodeParams {
 #ifndef FIREATTN_DECODE_MIN_BLOCKS
 #define FIREATTN_DECODE_MIN_BLOCKS 4
 #endif
-#ifndef FIREATTN_DECODE_SPLIT_SLOWEST  // EXPERIMENT: 1 = split index slowest in the grid
-#define FIREATTN_DECODE_SPLIT_SLOWEST 1
-#endif
 #ifndef FIREATTN_DECODE_L2_PREFETCH  // bytes: 256, 128, or 0 (no hint)
 #define FIREATTN_DECODE_L2_PREFETCH 256
 #endif
 
-// Split sizes: up to kDecodeShortSplits splits of >= 128 keys, then splits of >= 256 keys. Short
+// Split sizes: up to kDecodeShortSplits splits of >= 128 keys, then splits of >= 512 keys. Short
 // contexts at small batch are latency bound, and 128-key splits shorten each CTA's chain of
 // dependent loads (H200, batch 1, head_dim 128, one CUDA graph of 16 layers: 1k 14.5 -> 12.2 us,
 // 2k 15.5 -> 14.5, 4k 18.0 -> 17.3); beyond 32 splits the merge costs more than it saves
-// (8k: 128-key splits 23.1 us vs 21.0).
+// (8k: 128-key splits 23.1 us vs 21.0). 512 rather than 256 keys beyond that (same setup, split
+// index slowest): head_dim 128 16k FP8 / BF16 27.3 / 37.2 us vs 29.4 / 40.3, head_dim 64 FP8
+// 19.4 vs 21.4; 1k-8k and batch 8 unchanged.
 #ifndef FIREATTN_DECODE_SHORT_SPLIT_KEYS
 #define FIREATTN_DECODE_SHORT_SPLIT_KEYS 128
 #endif
 #ifndef FIREATTN_DECODE_MIN_SPLIT_KEYS
-#define FIREATTN_DECODE_MIN_SPLIT_KEYS 256
+#define FIREATTN_DECODE_MIN_SPLIT_KEYS 512
 #endif
 constexpr int kDecodeShortSplitKeys = FIREATTN_DECODE_SHORT_SPLIT_KEYS;
 constexpr int kDecodeShortSplits = 32;
@@ -246,16 +245,14 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
   constexpr int kRows = Cfg::kRows, kSubs = Cfg::kSubs, kStageKeys = Cfg::kStageKeys;
   const AttentionParams& p = dp.a;
 
-#if FIREATTN_DECODE_SPLIT_SLOWEST
   // Split index slowest in launch order: every sequence's first splits are dispatched before any
   // CTA past a short sequence's split count, which exits after reading seq_len (a global-memory
-  // round trip holding an SM slot) and would otherwise queue in front of real work.
+  // round trip holding an SM slot) and would otherwise queue in front of real work. H200, batch
+  // 1, CUDA graph of 16 layers, us per layer, FP8 cache: head_dim 128 1k / 4k 10.65 / 17.36 vs
+  // 12.61 / 18.94 with the split index fastest, head_dim 64 9.08 / 13.81 vs 10.30 / 15.00; BF16
+  // cache head_dim 128 1k 11.83 vs 15.41; batch 8 unchanged.
   const int seq = blockIdx.y, split = blockIdx.z;
   const int kvh = blockIdx.x / dp.row_tiles, rt = blockIdx.x % dp.row_tiles;
-#else
-  const int seq = blockIdx.z, kvh = blockIdx.y;
-  const int split = blockIdx.x / dp.row_tiles, rt = blockIdx.x % dp.row_tiles;
-#endif
   const int q_begin = p.cu_seqlens_q[seq];
   const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
   const int seq_len = p.seq_lens[seq];
@@ -652,11 +649,7 @@ int decode_ctas_per_sm() {
 template <typename QT, bool kFp8, int D>
 void launch_decode(const DecodeParams& dp, cudaStream_t stream) {
   using Cfg = DecodeConfig<QT, kFp8, D>;
-#if FIREATTN_DECODE_SPLIT_SLOWEST
-  const dim3 grid(dp.row_tiles * dp.a.num_kv_heads, dp.a.num_seqs, dp.num_splits);
-#else
-  const dim3 grid(dp.num_splits * dp.row_tiles, dp.a.num_kv_heads, dp.a.num_seqs);
-#endif
+  const dim3 grid(dp.row_tiles * dp.a.num_kv_heads, dp.a.num_seqs, dp.num_splits);  // split slowest
   decode_kernel<QT, kFp8, D><<<grid, Cfg::kThreads, 0, stream>>>(dp);
   if (dp.num_splits > 1) {
     const dim3 cgrid(dp.row_tiles, dp.a.num_kv_heads, dp.a.num_seqs);
