@@ -57,8 +57,9 @@ def main() -> None:
     ap.add_argument("--cache-write", action="store_true", help="each layer also writes the new token's K/V")
     ap.add_argument("--json", help="append records here")
     a = ap.parse_args()
-    from vllm._custom_ops import reshape_and_cache_flash
-    from vllm.vllm_flash_attn import flash_attn_varlen_func
+    if a.fa3:  # vLLM only for the baselines: the FIREATTN rows run without it
+        from vllm._custom_ops import reshape_and_cache_flash
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     d = a.head_dim
     hq, hkv = HEADS[d]
