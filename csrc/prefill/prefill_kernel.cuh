@@ -40,8 +40,9 @@
 // TFLOP/s at head_dim 128 and 600 / 488 at 256 against cp.async 461 / 385 and 459 / 394; at
 // head_dim 64 TMA measured 363 / 290 against cp.async 408 / 315 then; with split roles and the
 // transpose's lane offsets following the 64-byte swizzle, FP8 head_dim 64 TMA is 422 / 326 /
-// 252 against cp.async 413 / 321 / 249 (1 x 16k / 4 x 4k / 8 x 2k, H200, same run). 16-bit caches (BF16, 1 x 16k / 4 x 4k): TMA + split roles 349 / 287, 402 / 351 and
-// 364 / 333 at head_dim 64 / 128 / 256 against cp.async 234 / 201, 241 / 220 and 233 / 219.
+// 252 against cp.async 413 / 321 / 249 (1 x 16k / 4 x 4k / 8 x 2k, H200, same run). 16-bit
+// caches (BF16, 1 x 16k / 4 x 4k): TMA + split roles 349 / 287, 402 / 351 and 364 / 333 at
+// head_dim 64 / 128 / 256 against cp.async 234 / 201, 241 / 220 and 233 / 219.
 #pragma once
 #ifndef FIREATTN_PREFILL_TMA
 #define FIREATTN_PREFILL_TMA 1
@@ -358,6 +359,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], 
                                              const TileMask& tm) {
   constexpr float kLog2e = 1.4426950408889634f;
   constexpr int kChains = kSRegs / 4 >= kChainsWanted ? kChainsWanted : kSRegs / 4;  // i-steps of 2 values per row each
+  static_assert(kChains > 0 && (kChains & (kChains - 1)) == 0, "the chains merge as a binary tree");
   // With a soft cap the scores are transformed into log2 units here; otherwise the scale is
   // folded into the exponent's FFMA (it is positive, so the max commutes with it).
   const float exp_scale = kSoftcap ? 1.f : scale_log2;
