@@ -142,6 +142,13 @@ def summarize(records: list[dict]) -> dict:
 REFERENCE = "FLASH_ATTN bf16"
 
 
+def _mean_ci(d: list[float]) -> tuple[float, float, int]:
+    """(mean, 95% half-width by the normal approximation, n) of paired differences."""
+    n, m = len(d), sum(d) / len(d)
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1)) if n > 1 else float("inf")
+    return m, 1.96 * sd / math.sqrt(n), n
+
+
 def paired_differences(records: list[dict], reference: str = REFERENCE) -> dict:
     """{variant: {context: (points, 95% half-width, prompts)}}: passkey accuracy minus the
     reference's on the same prompts (same context, depth, key and window; runs with one --seed
@@ -161,9 +168,8 @@ def paired_differences(records: list[dict], reference: str = REFERENCE) -> dict:
             d = [float(ok) - float(ref[k]) for k, ok in t.items() if k[0] == c and k in ref]
             if not d:
                 continue
-            n, m = len(d), sum(d) / len(d)
-            sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1)) if n > 1 else float("inf")
-            out.setdefault(v, {})[c] = (100.0 * m, 100.0 * 1.96 * sd / math.sqrt(n), n)
+            m, hw, n = _mean_ci(d)
+            out.setdefault(v, {})[c] = (100.0 * m, 100.0 * hw, n)
     return out
 
 
@@ -177,10 +183,7 @@ def paired_nll(records: list[dict], reference: str = REFERENCE) -> dict:
     for v, w in sorted(nll.items()):
         if v == reference or ref is None or len(w) != len(ref):
             continue
-        d = [a - b for a, b in zip(w, ref)]
-        n, m = len(d), sum(d) / len(d)
-        sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1)) if n > 1 else float("inf")
-        out[v] = (m, 1.96 * sd / math.sqrt(n), n)
+        out[v] = _mean_ci([a - b for a, b in zip(w, ref)])
     return out
 
 

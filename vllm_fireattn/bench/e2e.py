@@ -487,9 +487,13 @@ def sessions_line(records: list[dict], envs: list[dict]) -> str | None:
     return f"Measured in {len(by_session)} sessions, so ratios may mix machines or builds: {', '.join(parts)}."
 
 
+def _has_sliding_window(model: str) -> bool:
+    return bool(json.loads((CONFIGS / model / "config.json").read_text()).get("sliding_window"))
+
+
 def not_runnable(model: str) -> dict[str, str]:
     """{backend: why} for the baselines that vLLM 0.26 refuses to start on Hopper with this config."""
-    if json.loads((CONFIGS / model / "config.json").read_text()).get("sliding_window"):
+    if _has_sliding_window(model):
         return {"FLASHINFER": "vLLM 0.26 refuses FlashInfer with sliding-window layers on SM90 "
                               "(NotImplementedError at engine start)"}
     return {}
@@ -500,7 +504,7 @@ def expected_variants(model: str) -> list[tuple[str, str, tuple]]:
     runs with BF16 and FP8 KV, plus FIREATTN FP8 with the sliding-window layers kept BF16 where a
     model has them."""
     out = [(b, kv, ()) for b in BACKENDS if b not in not_runnable(model) for kv in ("bf16", "fp8")]
-    if json.loads((CONFIGS / model / "config.json").read_text()).get("sliding_window"):
+    if _has_sliding_window(model):
         out.append(("FIREATTN", "fp8", ("sliding_window",)))
     return out
 
