@@ -46,6 +46,11 @@ import time
 from pathlib import Path
 
 CONFIGS = Path(__file__).parent / "configs"
+
+
+def model_config(model: str) -> dict:
+    """The shipped HF config.json of a benchmark model."""
+    return json.loads((CONFIGS / model / "config.json").read_text())
 MODELS = ("llama31-8b", "llama-hd64", "gemma3-12b-text")
 BACKENDS = ("FIREATTN", "FLASH_ATTN", "FLASHINFER")
 IMPL_NAMES = {"FIREATTN": "fireattn", "FLASH_ATTN": "fa3", "FLASHINFER": "flashinfer"}
@@ -162,7 +167,7 @@ def run(model: str, backend: str, kv: str, skip_layers: list[str], out_dir: Path
 
     from vllm_fireattn.bench.env import environment
 
-    config = json.loads((CONFIGS / model / "config.json").read_text())
+    config = model_config(model)
     max_pos = config.get("max_position_embeddings", 131072)
     too_long = [n for n in input_lens if n + output_len + 16 > max_pos]
     if too_long:
@@ -211,7 +216,7 @@ def _run_serve(model, backend, kv, skip_layers, out_dir, path, data, done, base,
         raise SystemExit("--kinds serve needs --serve-tokenizer (a tokenizer folder whose ids fit the model)")
     from transformers import AutoTokenizer
 
-    vocab = json.loads((CONFIGS / model / "config.json").read_text()).get("vocab_size", 32000)
+    vocab = model_config(model).get("vocab_size", 32000)
     serve_budget.check_tokenizer_fits(len(AutoTokenizer.from_pretrained(serve["tokenizer"])), vocab, model)
     rates = [r for r in serve.get("rates", serve_budget.DEFAULT_RATES) if ("e2e_serve", r) not in done]
     if not rates:
@@ -488,7 +493,7 @@ def sessions_line(records: list[dict], envs: list[dict]) -> str | None:
 
 
 def _has_sliding_window(model: str) -> bool:
-    return bool(json.loads((CONFIGS / model / "config.json").read_text()).get("sliding_window"))
+    return bool(model_config(model).get("sliding_window"))
 
 
 def not_runnable(model: str) -> dict[str, str]:
