@@ -19,12 +19,11 @@
 // Work split: one CTA (3 warpgroups, 128 rows) per (row tile, sequence, kv head). A row is a
 // (query token, query head of this kv head's group) pair, so a GQA group shares every K/V
 // byte. Warpgroup 0 is the producer: K into a swizzled K-major tile and V into a staging tile
-// (by TMA, see "TMA producer" below),
-// a 4-stage mbarrier ring (16-bit caches: 3 at head_dim 128 or without TMA) ahead of the
-// consumers. FP8 V is then transposed into the K-major V^T tile FP8 wgmma needs (it has no
-// transposed-B mode): with TMA, warp 0 only issues loads and warps 1-3 only transpose
-// (ldmatrix / stmatrix); otherwise all four do both in one loop (LDS / STS transpose). 16-bit caches in the TMA layout transpose nothing: PV reads
-// V from the staging tile as an MN-major operand (wgmma's transposed-B mode; H200, BF16 cache,
+// (by TMA, see "TMA producer" below), a 4-stage mbarrier ring (16-bit caches: 3 at head_dim 128
+// or without TMA) ahead of the consumers. FP8 V is then transposed into the K-major V^T tile FP8
+// wgmma needs (it has no transposed-B mode): with TMA, warp 0 only issues loads and warps 1-3
+// only transpose (ldmatrix / stmatrix); otherwise all four do both in one loop (LDS / STS
+// transpose). 16-bit caches in the TMA layout transpose nothing: PV reads V from the staging tile as an MN-major operand (wgmma's transposed-B mode; H200, BF16 cache,
 // 1 x 16k / 4 x 4k causal, same run: 408 / 324, 454 / 401, 435 / 391 TFLOP/s at head_dim 64 /
 // 128 / 256 against 371 / 296, 415 / 361, 395 / 340 with the transpose).
 // Warpgroups 1 and 2 each own 64 rows: QK^T, online softmax, PV, promotion, epilogue.
@@ -740,13 +739,13 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
   {
     constexpr int kPieces = D / 16;
     const QT* q = static_cast<const QT*>(p.q);
-    // x / q_scale as RN(1 / q_scale) and two FMA remainder
-    // corrections (Markstein): the correctly rounded quotient without __fdiv_rn's per-element
-    // reciprocal refinement, range check and slow-path branch (~1.4k prologue instructions per
-    // thread, serial before the first QK^T; it weighs most on short sequences). |x| is first
-    // clamped to 1024 * q_scale (both sides saturate e4m3 beyond 448 * q_scale), so nothing
-    // overflows. Checked against exact rational arithmetic (tools/q_div_check.py):
-    // equal to RN(x / s), signed zeros included (a NaN query saturates instead of staying NaN).
+    // x / q_scale as RN(1 / q_scale) and two FMA remainder corrections (Markstein): the
+    // correctly rounded quotient without __fdiv_rn's per-element reciprocal refinement, range
+    // check and slow-path branch (~1.4k prologue instructions per thread, serial before the first
+    // QK^T; it weighs most on short sequences). |x| is first clamped to 1024 * q_scale (both sides
+    // saturate e4m3 beyond 448 * q_scale), so nothing overflows. Checked against exact rational
+    // arithmetic (tools/q_div_check.py): equal to RN(x / s), signed zeros included (a NaN query
+    // saturates instead of staying NaN).
     // H200, same run, FP8 cache, causal TFLOP/s 4 x 4k / 8 x 2k / 1 x 1k: head_dim 128 524 / 401 /
     // 193 against 501 / 377 / 181 with __fdiv_rn, head_dim 256 603 / 472 / 212 against 582 / 445 / 198.
     const float q_rcp = __frcp_rn(q_scale), q_lim = 1024.f * q_scale;
@@ -806,7 +805,6 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
 #pragma unroll
   for (int i = 0; i < kPvRegs; ++i) o_part[i] = 0.f;
   float m[2] = {-CUDART_INF_F, -CUDART_INF_F};  // running max, log2 units
-  constexpr int kSoftmaxChains = kFp8 ? 2 : 1;  // see softmax_tile
   float m_ref[2] = {-CUDART_INF_F, -CUDART_INF_F};  // what O and l are relative to (softmax_tile)
   float l[2] = {0.f, 0.f};                      // this thread's share of the row sums of P * 256
   float part_alpha[2] = {1.f, 1.f};             // o_main's rescale owed since the last promotion
@@ -817,6 +815,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
     const bool need_mask = k0 + kBlockN > kv_end || (p.causal && k0 + kBlockN - 1 > first_pos) ||
                            (p.window_left >= 0 && k0 < last_pos - p.window_left);
     const TileMask tm{k0 + 2 * tq, kv_end, {pos[0], pos[1]}, p.causal, p.window_left};
+    constexpr int kSoftmaxChains = kFp8 ? 2 : 1;  // see softmax_tile
     if (p.softcap > 0.f)
       softmax_tile<kSRegs, true, true, kSoftmaxChains>(s, m, m_ref, l, alpha, scale_log2, score_scale, p.softcap, tm);
     else if (need_mask)
