@@ -599,42 +599,101 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
   }
 }
 
-// Merges the splits of every sequence that has more than one: one warp per row.
+// kN consecutive floats of a split partial (8-byte aligned at least: lane * kN floats).
+template <int kN>
+__device__ __forceinline__ void load_floats(float (&dst)[kN], const float* src) {
+  static_assert(kN % 2 == 0, "pairs");
+  if constexpr (kN % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < kN / 4; ++i) {
+      const float4 v = reinterpret_cast<const float4*>(src)[i];
+      dst[4 * i] = v.x, dst[4 * i + 1] = v.y, dst[4 * i + 2] = v.z, dst[4 * i + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) {
+      const float2 v = reinterpret_cast<const float2*>(src)[i];
+      dst[2 * i] = v.x, dst[2 * i + 1] = v.y;
+    }
+  }
+}
+
+// Merges the splits of every sequence that has more than one. One CTA per row; its 8 warps
+// take every 8th split each and add their partial sums through shared memory. Every warp reads
+// all the splits' LSEs side by side (one per lane: one round trip) for the max and the
+// denominator, and its partial outputs in one batch of up to 8 whose loads do not wait on each
+// other. The previous combine (one warp per row, a loop of dependent load -> use steps over the
+// splits) was two chains of `splits` cache round trips: ncu, batch 1, 64 splits at head_dim 64:
+// 18.6 us against 18.3 us for the split kernel itself.
+constexpr int kCombineWarps = 8, kCombineBatch = 8;
 template <typename QT, int D>
-__global__ void __launch_bounds__(256) decode_combine_kernel(const DecodeParams dp) {
+__global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(const DecodeParams dp) {
   const AttentionParams& p = dp.a;
-  constexpr int kRows = 8;
-  const int seq = blockIdx.z, kvh = blockIdx.y, rt = blockIdx.x;
+  constexpr int kLseRegs = kDecodeMaxSplits / 32;
+  constexpr int kPerLane = D / 32;
+  __shared__ float weight[kCombineWarps][kDecodeMaxSplits];
+  __shared__ __align__(16) float partial[kCombineWarps][D];
+  const int seq = blockIdx.z, kvh = blockIdx.y, row = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int q_begin = p.cu_seqlens_q[seq];
   const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
-  const int row = rt * kRows + warp;
-  if (row >= q_len * dp.group) return;
+  if (row >= q_len * dp.group) return;  // the whole CTA
   const SplitRange range = decode_split_range(p.seq_lens[seq], q_len, p.window_left, dp.num_splits);
-  if (range.splits == 1) return;  // the split kernel wrote the output itself
+  const int ns = range.splits;
+  if (ns == 1) return;  // the split kernel wrote the output itself
   constexpr float kLog2e = 1.4426950408889634f;
   const int token = q_begin + row / dp.group, head = kvh * dp.group + row % dp.group;
+  const int rt = row / 8, r = row % 8;  // the split kernel's 8-row tile and row inside it
   const int64_t slot0 = ((static_cast<int64_t>(seq) * p.num_kv_heads + kvh) * dp.row_tiles + rt) * dp.num_splits;
-  float m = p.sinks ? p.sinks[head] * kLog2e : -CUDART_INF_F;
-  for (int s = 0; s < range.splits; ++s) m = fmaxf(m, dp.part_lse[(slot0 + s) * kRows + warp]);
-  constexpr int kPerLane = D / 32;
-  float acc[kPerLane] = {};
-  float denom = 0.f;
-  if (m != -CUDART_INF_F) {
-    for (int s = 0; s < range.splits; ++s) {
-      const float w = exp2f(dp.part_lse[(slot0 + s) * kRows + warp] - m);
-      denom += w;
-      const float* src = dp.part_out + ((slot0 + s) * kRows + warp) * D + lane * kPerLane;
+  float lse[kLseRegs];
+  float m = -CUDART_INF_F;
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) acc[i] += w * src[i];
-    }
-    if (p.sinks) denom += exp2f(p.sinks[head] * kLog2e - m);
+  for (int i = 0; i < kLseRegs; ++i) {
+    const int s = 32 * i + lane;
+    lse[i] = s < ns ? dp.part_lse[(slot0 + s) * 8 + r] : -CUDART_INF_F;
+    m = fmaxf(m, lse[i]);
   }
-  const float inv = denom > 0.f ? 1.f / denom : 0.f;
-  QT* dst = static_cast<QT*>(p.out) + token * p.o_tok_stride + head * p.o_head_stride + lane * kPerLane;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) dst[i] = store_type<QT>(acc[i] * inv);
-  if (p.lse != nullptr && lane == 0)
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (p.sinks) m = fmaxf(m, p.sinks[head] * kLog2e);
+  float denom = 0.f;
+#pragma unroll
+  for (int i = 0; i < kLseRegs; ++i) {
+    const float w = m == -CUDART_INF_F ? 0.f : exp2f(lse[i] - m);  // 0 for splits past ns
+    denom += w;
+    if (32 * i < ns) weight[warp][32 * i + lane] = w;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) denom += __shfl_xor_sync(0xffffffffu, denom, o);
+  if (p.sinks && m != -CUDART_INF_F) denom += exp2f(p.sinks[head] * kLog2e - m);
+  __syncwarp();
+  float acc[kPerLane] = {};
+  const float* src0 = dp.part_out + (slot0 * 8 + r) * D + lane * kPerLane;
+  for (int s0 = warp; s0 < ns; s0 += kCombineWarps * kCombineBatch) {
+    float v[kCombineBatch][kPerLane];
+#pragma unroll
+    for (int u = 0; u < kCombineBatch; ++u)  // past ns: re-read split s0, weighted 0
+      load_floats(v[u], src0 + static_cast<int64_t>(s0 + kCombineWarps * u < ns ? s0 + kCombineWarps * u : s0) * 8 * D);
+#pragma unroll
+    for (int u = 0; u < kCombineBatch; ++u) {
+      const int s = s0 + kCombineWarps * u;
+      const float w = s < ns ? weight[warp][s] : 0.f;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) acc[i] += w * v[u][i];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) partial[warp][lane * kPerLane + i] = acc[i];
+  __syncthreads();
+  const float inv = denom > 0.f ? 1.f / denom : 0.f;
+  QT* dst = static_cast<QT*>(p.out) + token * p.o_tok_stride + head * p.o_head_stride;
+  for (int d = threadIdx.x; d < D; d += kCombineWarps * 32) {
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kCombineWarps; ++w) o += partial[w][d];
+    dst[d] = store_type<QT>(o * inv);
+  }
+  if (p.lse != nullptr && threadIdx.x == 0)
     p.lse[head * p.lse_head_stride + token] = denom > 0.f ? (m + log2f(denom)) / kLog2e : -CUDART_INF_F;
 }
 
@@ -652,8 +711,8 @@ void launch_decode(const DecodeParams& dp, cudaStream_t stream) {
   const dim3 grid(dp.row_tiles * dp.a.num_kv_heads, dp.a.num_seqs, dp.num_splits);  // split slowest
   decode_kernel<QT, kFp8, D><<<grid, Cfg::kThreads, 0, stream>>>(dp);
   if (dp.num_splits > 1) {
-    const dim3 cgrid(dp.row_tiles, dp.a.num_kv_heads, dp.a.num_seqs);
-    decode_combine_kernel<QT, D><<<cgrid, 256, 0, stream>>>(dp);
+    const dim3 cgrid(dp.row_tiles * 8, dp.a.num_kv_heads, dp.a.num_seqs);  // one CTA per row
+    decode_combine_kernel<QT, D><<<cgrid, kCombineWarps * 32, 0, stream>>>(dp);
   }
 }
 
