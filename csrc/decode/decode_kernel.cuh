@@ -55,18 +55,18 @@ struct DecodeParams {
 #define FIREATTN_DECODE_L2_PREFETCH 256
 #endif
 
-// Split sizes: up to kDecodeShortSplits splits of >= 128 keys, then splits of >= 512 keys. Short
-// contexts at small batch are latency bound, and 128-key splits shorten each CTA's chain of
-// dependent loads (H200, batch 1, head_dim 128, one CUDA graph of 16 layers: 1k 14.5 -> 12.2 us,
-// 2k 15.5 -> 14.5, 4k 18.0 -> 17.3); beyond 32 splits the merge costs more than it saves
-// (8k: 128-key splits 23.1 us vs 21.0). 512 rather than 256 keys beyond that (same setup, split
-// index slowest): head_dim 128 16k FP8 / BF16 27.3 / 37.2 us vs 29.4 / 40.3, head_dim 64 FP8
-// 19.4 vs 21.4; 1k-8k and batch 8 unchanged.
+// Split sizes: up to kDecodeShortSplits splits of >= 64 keys, then splits of >= 256 keys. Short
+// contexts at small batch are latency bound: short splits shorten each CTA's chain of dependent
+// loads. Since the combine runs one CTA per row (its 8 warps over the splits), more splits cost
+// little there (H200, batch 1, one CUDA graph of 16 layers, us per layer, FP8 cache; vs the
+// earlier 128 / 512 keys): head_dim 128 1k 9.4 vs 10.0, 16k 18.5 vs 21.9; head_dim 256 1k 13.1 vs
+// 14.2, 16k 26.8 vs 30.3, 32k 34.8 vs 37.5; head_dim 64 16k 14.5 vs 16.2; 2k-8k and batch 8
+// within 1-2 %.
 #ifndef FIREATTN_DECODE_SHORT_SPLIT_KEYS
-#define FIREATTN_DECODE_SHORT_SPLIT_KEYS 128
+#define FIREATTN_DECODE_SHORT_SPLIT_KEYS 64
 #endif
 #ifndef FIREATTN_DECODE_MIN_SPLIT_KEYS
-#define FIREATTN_DECODE_MIN_SPLIT_KEYS 512
+#define FIREATTN_DECODE_MIN_SPLIT_KEYS 256
 #endif
 constexpr int kDecodeShortSplitKeys = FIREATTN_DECODE_SHORT_SPLIT_KEYS;
 constexpr int kDecodeShortSplits = 32;
@@ -88,6 +88,9 @@ __device__ __forceinline__ SplitRange decode_split_range(int seq_len, int q_len,
   const int by_size = max(short_splits, (len + kDecodeMinSplitKeys - 1) / kDecodeMinSplitKeys);
   r.splits = max(1, min(num_splits, by_size));
   r.chunk = ((len + r.splits - 1) / r.splits + 15) & ~15;
+  // Rounding the chunk up to 16 keys can leave the last splits empty (32768 keys over 66 splits:
+  // 64 chunks of 512): count only the non-empty ones, so no CTA runs for nothing.
+  if (len > 0) r.splits = (len + r.chunk - 1) / r.chunk;
   return r;
 }
 
