@@ -307,6 +307,32 @@ def test_sass_loop_mix_walks_the_common_path():
 
 
 @pytest.mark.cpu
+def test_sass_loop_mix_decode_loop():
+    """CPU: tools/sass_loop_mix.py --decode takes the innermost loop around every HMMA of the
+    decode split kernel, conditional code included, and ignores the combine kernel."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import sass_loop_mix as tool
+
+    body = [("0000", "MOV R1, c[0x0][0x28]"),
+            ("0010", "LDG.E R2, desc[UR4][R4.64]"),  # outer loop head (not innermost)
+            ("0020", "LDG.E.NA.128 R8, desc[UR4][R6.64]"),  # stage loop head
+            ("0030", "HMMA.16816.F32 R12, R8, R20, RZ"),
+            ("0040", "@P0 BRA 0x60"),  # a conditional part (rescale)
+            ("0050", "FMUL R12, R12, R3"),
+            ("0060", "HMMA.16816.F32 R16, R8, R22, R16"),
+            ("0070", "@P1 BRA 0x20"),
+            ("0080", "@P2 BRA 0x10"),
+            ("0090", "EXIT")]
+    listing = "\n".join(
+        ["Function : _ZN8fireattn13decode_kernelI13__nv_bfloat16Lb1ELi128EEEvNS_12DecodeParamsE"]
+        + [f"        /*{a}*/                   {t} ;  /* 0x0 */" for a, t in body]
+        + ["Function : _ZN8fireattn21decode_combine_kernelI13__nv_bfloat16Li128EEEvNS_12DecodeParamsE",
+           "        /*0000*/                   HMMA.16816.F32 R0, R0, R0, R0 ;  /* 0x0 */"])
+    path = tool.decode_loop(tool.kernel_instructions(listing, "decode_kernel"))
+    assert [tool.opcode(t) for _, t in path] == ["LDG", "HMMA", "BRA", "FMUL", "HMMA", "BRA"]
+
+
+@pytest.mark.cpu
 def test_fa3_p_probe_hypotheses_offline():
     """CPU: tools/fa3_p_probe.py's one-hot V turns outputs into weights: the last query row sees
     all 128 keys, so its weights sum to 1 for exact P and not exactly 1 for rounded P over an FP32

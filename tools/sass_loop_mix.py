@@ -1,4 +1,4 @@
-"""Instruction mix of one consumer iteration of the prefill kernel, read from its SASS.
+"""Instruction mix of one loop iteration of the prefill or decode kernel, read from its SASS.
 
 The FP8 prefill's consumer warpgroups are issue-bound (ncu, benchmarks/results/h200/README.md),
 so the number of instructions a consumer warp issues per key tile is a GPU-free proxy for a
@@ -16,6 +16,13 @@ inner loops on that path.
     nvcc -c csrc/generated/prefill_bf16_fp8_d128.cu ... -gencode=arch=compute_90a,code=sm_90a -o k.o
     cuobjdump -sass k.o > k.sass      # (cuobjdump ships with triton: triton/backends/nvidia/bin)
     python tools/sass_loop_mix.py k.sass
+
+Decode (`--decode`, a decode_bf16_*.cu TU): the split kernel's stage loop, the innermost loop
+around all its tensor-core MMAs (HMMA), counted whole: boundary masks, soft cap, the rescale of
+the accumulator and the tail's zero fill are conditional code inside it, so this is a static
+count, again for like-with-like comparisons.
+
+    python tools/sass_loop_mix.py k.sass --decode
 """
 from __future__ import annotations
 
@@ -32,12 +39,13 @@ def opcode(text: str) -> str:
 
 
 def kernel_instructions(sass: str, kernel_marker: str = "prefill_kernel") -> list[tuple[int, str]]:
-    """(address, text) of the first promote-every-tile prefill kernel in a cuobjdump listing."""
+    """(address, text) of the first promote-every-tile prefill kernel (or, with kernel_marker
+    "decode_kernel", the first decode split kernel) in a cuobjdump listing."""
     out, inside = [], False
     for line in sass.splitlines():
         if "Function : " in line:
             name = line.split("Function : ")[1].strip()
-            inside = kernel_marker in name and "Lb1EEE" in name
+            inside = kernel_marker in name and (kernel_marker != "prefill_kernel" or "Lb1EEE" in name)
             if out and not inside:
                 break
             continue
@@ -64,13 +72,29 @@ def loop_path(ins: list[tuple[int, str]]) -> list[tuple[int, str]]:
     return ins[head_i:jump + 1] + ins[join:back_i + 1]
 
 
+def decode_loop(ins: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The innermost loop (head .. backward branch) that contains every HMMA of the kernel."""
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    mmas = [i for i, (_, t) in enumerate(ins) if opcode(t) == "HMMA"]
+    loops = [(index[int(m.group(1), 16)], i) for i, (_, t) in enumerate(ins)
+             if (m := _BRANCH.search(t)) and int(m.group(1), 16) in index]
+    head, back = min(((h, b) for h, b in loops if h <= mmas[0] and b >= mmas[-1]), key=lambda hb: hb[1] - hb[0])
+    return ins[head:back + 1]
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
+    if len(argv) not in (2, 3) or (len(argv) == 3 and argv[2] != "--decode"):
         print(__doc__)
         return 2
-    path = loop_path(kernel_instructions(open(argv[1]).read()))
+    sass = open(argv[1]).read()
+    if len(argv) == 3:
+        path = decode_loop(kernel_instructions(sass, "decode_kernel"))
+        what = "per decode stage (whole loop body, static)"
+    else:
+        path = loop_path(kernel_instructions(sass))
+        what = "per consumer iteration (common path)"
     mix = collections.Counter(opcode(t) for _, t in path)
-    print(f"{len(path)} instructions per consumer iteration (common path)")
+    print(f"{len(path)} instructions {what}")
     print(" ".join(f"{k}:{v}" for k, v in mix.most_common()))
     return 0
 
