@@ -123,9 +123,9 @@ def test_decode_split_counts(num_splits, window_left):
     """Split-KV: every split count gives the reference result and LSE, at lengths around the
     split sizes (64-key splits up to 32 of them, 256-key splits beyond: 2048 and 8192 keys are
     the switches; 12000 / 20000 / 33000 keys reach 40+ and 64 splits, so the combine kernel merges
-    more than one batch of 8 and more than 32 LSEs; 16385 and 20000 over 66 or 77 splits leave
-    rounded-up chunks that fill fewer splits) and with a window that moves the range start off a
-    tile boundary."""
+    more than one batch of 8 and more than 32 LSEs; 2049, 4097, 16385, 20000 and 33000 keys get
+    rounded-up chunks that fill fewer splits than planned, e.g. 16385 over 64 -> 61) and with a
+    window that moves the range start off a tile boundary."""
     _skip_unless(128)
     seq_lens = [1, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1500, 2047, 2049, 9000, 4097, 4095, 8192, 8209, 12000,
                 16384, 16385, 20000, 33000]
