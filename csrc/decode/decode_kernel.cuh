@@ -58,10 +58,10 @@ struct DecodeParams {
 // Split sizes: up to kDecodeShortSplits splits of >= 64 keys, then splits of >= 256 keys. Short
 // contexts at small batch are latency bound: short splits shorten each CTA's chain of dependent
 // loads. Since the combine runs one CTA per row (its 8 warps over the splits), more splits cost
-// little there (H200, batch 1, one CUDA graph of 16 layers, us per layer, FP8 cache; vs the
-// earlier 128 / 512 keys): head_dim 128 1k 9.4 vs 10.0, 16k 18.5 vs 21.9; head_dim 256 1k 13.1 vs
-// 14.2, 16k 26.8 vs 30.3, 32k 34.8 vs 37.5; head_dim 64 16k 14.5 vs 16.2; 2k-8k and batch 8
-// within 1-2 %.
+// little there (H200, batch 1, one CUDA graph of 16 layers, us per layer, both trees in one run;
+// vs the earlier 128 / 512 keys): FP8 16k head_dim 64 / 128 / 256 15.0 / 18.7 / 27.5 vs 16.3 /
+// 22.2 / 30.7, head_dim 256 32k 35.3 vs 37.5; BF16 16k head_dim 256 31.6 vs 40.1; other contexts
+// (1k-64k) and batch 8 / 32 within the run-to-run noise (up to 4%).
 #ifndef FIREATTN_DECODE_SHORT_SPLIT_KEYS
 #define FIREATTN_DECODE_SHORT_SPLIT_KEYS 64
 #endif

@@ -23,9 +23,10 @@
 // or without TMA) ahead of the consumers. FP8 V is then transposed into the K-major V^T tile FP8
 // wgmma needs (it has no transposed-B mode): with TMA, warp 0 only issues loads and warps 1-3
 // only transpose (ldmatrix / stmatrix); otherwise all four do both in one loop (LDS / STS
-// transpose). 16-bit caches in the TMA layout transpose nothing: PV reads V from the staging tile as an MN-major operand (wgmma's transposed-B mode; H200, BF16 cache,
-// 1 x 16k / 4 x 4k causal, same run: 408 / 324, 454 / 401, 435 / 391 TFLOP/s at head_dim 64 /
-// 128 / 256 against 371 / 296, 415 / 361, 395 / 340 with the transpose).
+// transpose). 16-bit caches in the TMA layout transpose nothing: PV reads V from the staging
+// tile as an MN-major operand (wgmma's transposed-B mode; H200, BF16 cache, 1 x 16k / 4 x 4k
+// causal, same run: 408 / 324, 454 / 401, 435 / 391 TFLOP/s at head_dim 64 / 128 / 256 against
+// 371 / 296, 415 / 361, 395 / 340 with the transpose).
 // Warpgroups 1 and 2 each own 64 rows: QK^T, online softmax, PV, promotion, epilogue.
 //
 // P goes to the PV wgmma straight from the QK accumulator registers: the FP8 A-fragment wants

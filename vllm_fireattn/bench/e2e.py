@@ -46,16 +46,16 @@ import time
 from pathlib import Path
 
 CONFIGS = Path(__file__).parent / "configs"
-
-
-def model_config(model: str) -> dict:
-    """The shipped HF config.json of a benchmark model."""
-    return json.loads((CONFIGS / model / "config.json").read_text())
 MODELS = ("llama31-8b", "llama-hd64", "gemma3-12b-text")
 BACKENDS = ("FIREATTN", "FLASH_ATTN", "FLASHINFER")
 IMPL_NAMES = {"FIREATTN": "fireattn", "FLASH_ATTN": "fa3", "FLASHINFER": "flashinfer"}
 SWEEP_INPUT_LENS = (256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 125000)
 RESULT_DIR = Path("benchmarks/results/e2e")
+
+
+def model_config(model: str) -> dict:
+    """The shipped HF config.json of a benchmark model."""
+    return json.loads((CONFIGS / model / "config.json").read_text())
 
 
 # ---- measurement (needs a GPU and vLLM) ----------------------------------------------------

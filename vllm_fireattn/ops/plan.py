@@ -4,8 +4,8 @@ Runs once per step (the FIREATTN metadata builder calls it; ops.decode calls it 
 given). The result depends only on static shapes (batch size, heads, query rows), so a full CUDA
 graph captured for a batch size replays with the same plan; the kernel then derives each
 sequence's actual split count and ranges from its length on the GPU (at most `num_splits`: up to
-32 splits of at least 64 keys, beyond that splits of at least 256 keys, and no empty split), so nothing here reads
-sequence lengths or syncs with the GPU.
+32 splits of at least 64 keys, beyond that splits of at least 256 keys, and no empty split), so
+nothing here reads sequence lengths or syncs with the GPU.
 
 Heuristic: one wave of CTAs. A CTA is (split, 8-row tile, KV head, sequence) with 4 warps, and
 ctas_per_sm() of them are resident on an SM (asked from the CUDA runtime for the compiled kernel),
