@@ -119,6 +119,15 @@ struct DecodeConfig {
   // CTAs per SM the register cap (__launch_bounds__) guarantees; the scheduler asks the runtime
   // for the actual occupancy (fireattn::decode_ctas_per_sm) and plans one wave.
   static constexpr int kMinBlocks = D < 256 ? FIREATTN_DECODE_MIN_BLOCKS : (kFp8 ? 3 : 2);
+  // Per head dim, as measured (H200, one call each, us; tools/decode_latency.py): V widened by
+  // cvt at head_dim 64 only (7-9% faster there; head_dim 256 up to 7% slower at 32k). Load
+  // addresses with the compile-time row size (immediate offsets, ~50 fewer loop instructions)
+  // at head_dim 64 / 128; head_dim 256 keeps the runtime row stride (3-4% slower at 8 x 32k
+  // and 1 x 128k with immediates). This combination vs the previous kernel: head_dim 64 5-8%
+  // faster at batch >= 8 and 1 x 128k, head_dim 128 1.5-3% faster, head_dim 256 unchanged.
+  // Widening every other V tile by cvt (pipe balancing) was no faster at 128 and slower at 256.
+  static constexpr bool kVCvt = D == 64;
+  static constexpr bool kImmRows = D < 256;
   static_assert(D % 64 == 0, "head_dim must be a multiple of 64");
   static_assert(kVBytes % 8 == 0, "V loads are 8 or 16 bytes wide");
 };
@@ -192,11 +201,19 @@ __device__ __forceinline__ void e4m3x4_to_f16x2x2(uint32_t x, uint32_t& lo, uint
       : "r"(x));
 }
 
-// Byte `kByte` of a and of b -> FP16x2 {a's, b's} equal to the e4m3 values times 2^-8, on the
-// integer pipes: the byte permute that gathers them also transposes V. An e4m3 byte s.eeee.mmm
-// placed at bits 15..8 becomes the FP16 s.0eeee.mmm0000000 by one shift (subnormals included).
-template <int kByte>
-__device__ __forceinline__ uint32_t e4m3_pair_to_f16x2_scaled(uint32_t a, uint32_t b) {
+// Byte `kByte` of a and of b -> FP16x2 {a's, b's}, the V^T operand pair (the byte permute that
+// gathers them also transposes V). kCvt: exactly, by cvt.f16x2.e4m3x2 (2 instructions, one on
+// the conversion pipe). Else equal to the e4m3 values times 2^-8, on the integer pipes alone (4
+// instructions): an e4m3 byte s.eeee.mmm placed at bits 15..8 becomes the FP16
+// s.0eeee.mmm0000000 by one shift (subnormals included).
+template <int kByte, bool kCvt>
+__device__ __forceinline__ uint32_t e4m3_pair_to_f16x2(uint32_t a, uint32_t b) {
+  if constexpr (kCvt) {
+    const uint32_t y = __byte_perm(a, b, kByte | ((4 + kByte) << 4));  // {a's byte, b's byte} in the low half
+    uint32_t r;
+    asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %1;\ncvt.rn.f16x2.e4m3x2 %0, l;\n}" : "=r"(r) : "r"(y));
+    return r;
+  }
   constexpr uint32_t kSel = kByte | (kByte << 4) | ((4 + kByte) << 8) | ((4 + kByte) << 12);
   const uint32_t y = __byte_perm(a, b, kSel);  // bytes 1 and 3 matter; 0 and 2 are masked off
   return (y & 0x80008000u) | ((y >> 1) & 0x3F803F80u);
@@ -277,8 +294,8 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
 
   // ---- Q: 8 rows to 16-bit MMA fragments in shared memory (per-row power-of-two prescale) ----
   const float k_scale = kFp8 ? p.k_scale[kvh * p.k_scale_stride] : 1.f;
-  // FP8 V is widened as value * 2^-8 (e4m3_pair_to_f16x2_scaled); the output scale undoes it.
-  const float v_scale = kFp8 ? p.v_scale[kvh * p.v_scale_stride] * 256.f : 1.f;
+  // FP8 V widened on the integer pipes is value * 2^-8 (e4m3_pair_to_f16x2); the output scale undoes it.
+  const float v_scale = kFp8 ? p.v_scale[kvh * p.v_scale_stride] * (Cfg::kVCvt ? 1.f : 256.f) : 1.f;
   auto row_q = [&](int r) -> const QT* {
     const int row = rt * kRows + r;
     const int token = q_begin + row / dp.group, head = kvh * dp.group + row % dp.group;
@@ -348,11 +365,14 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
   const PagedKV& kv = p.kv;
   const int64_t bt_row = static_cast<int64_t>(seq) * kv.block_table_stride;
   const uint8_t* kv_head_base = kv.base + kvh * kv.head_stride;
+  // Rows are kRowBytes apart (check_kv_cache requires compact inner dims); kImmRows makes that a
+  // compile-time constant, so each load's offset past the per-lane base is an immediate.
+  const int64_t row_stride = Cfg::kImmRows ? int64_t{Cfg::kRowBytes} : kv.token_stride;
   auto sub_base = [&](int key0) -> const uint8_t* {  // key0: first key of a 16-key sub-tile
     const int blk = dp.block_shift >= 0 ? key0 >> dp.block_shift : key0 / kv.block_size;
     const int off = dp.block_shift >= 0 ? key0 & (kv.block_size - 1) : key0 % kv.block_size;
     const int64_t block = kv.block_table[bt_row + blk];
-    return kv_head_base + block * kv.block_stride + off * kv.token_stride;
+    return kv_head_base + block * kv.block_stride + off * row_stride;
   };
 
   uint32_t kraw[kSubs][2][Cfg::kKWords];
@@ -370,12 +390,12 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
       if (key0 < k_end) {
         const uint8_t* base = sub_base(key0);
         sub_ptr[u] = base;
+        const uint8_t* lane_base = base + g * row_stride + t * 16;  // K row g, chunk t
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const uint8_t* row = base + (g + 8 * h) * kv.token_stride;
 #pragma unroll
           for (int c = 0; c < Cfg::kKChunks; ++c) {
-            unpack4(&kraw[u][h][4 * c], ld_stream16(row + (t + 4 * c) * 16));
+            unpack4(&kraw[u][h][4 * c], ld_stream16(lane_base + 8 * h * row_stride + 64 * c));
           }
         }
       } else {
@@ -391,11 +411,10 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
     for (int u = 0; u < kSubs; ++u) {
       const int key0 = k_begin + stage * kStageKeys + u * 16;
       if (key0 < k_end) {
-        const uint8_t* base = sub_ptr[u] + kv.kv_stride + g * Cfg::kVBytes;
+        const uint8_t* base = sub_ptr[u] + kv.kv_stride + 2 * t * row_stride + g * Cfg::kVBytes;  // V key 2t
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          const int key = 2 * t + (kk & 1) + 8 * (kk >> 1);
-          const uint8_t* src = base + key * kv.token_stride;
+        for (int kk = 0; kk < 4; ++kk) {  // keys 2t + (kk & 1) + 8 (kk >> 1)
+          const uint8_t* src = base + ((kk & 1) + 8 * (kk >> 1)) * row_stride;
           if constexpr (Cfg::kVBytes == 8) {
             const uint2 x = ld_stream8(src);
             vraw[u][kk][0] = x.x;
@@ -510,15 +529,15 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
         if constexpr (kFp8) {
           const int w = j / 2;
           if (j % 2 == 0) {
-            a0 = e4m3_pair_to_f16x2_scaled<0>(vraw[u][0][w], vraw[u][1][w]);
-            a1 = e4m3_pair_to_f16x2_scaled<1>(vraw[u][0][w], vraw[u][1][w]);
-            a2 = e4m3_pair_to_f16x2_scaled<0>(vraw[u][2][w], vraw[u][3][w]);
-            a3 = e4m3_pair_to_f16x2_scaled<1>(vraw[u][2][w], vraw[u][3][w]);
+            a0 = e4m3_pair_to_f16x2<0, Cfg::kVCvt>(vraw[u][0][w], vraw[u][1][w]);
+            a1 = e4m3_pair_to_f16x2<1, Cfg::kVCvt>(vraw[u][0][w], vraw[u][1][w]);
+            a2 = e4m3_pair_to_f16x2<0, Cfg::kVCvt>(vraw[u][2][w], vraw[u][3][w]);
+            a3 = e4m3_pair_to_f16x2<1, Cfg::kVCvt>(vraw[u][2][w], vraw[u][3][w]);
           } else {
-            a0 = e4m3_pair_to_f16x2_scaled<2>(vraw[u][0][w], vraw[u][1][w]);
-            a1 = e4m3_pair_to_f16x2_scaled<3>(vraw[u][0][w], vraw[u][1][w]);
-            a2 = e4m3_pair_to_f16x2_scaled<2>(vraw[u][2][w], vraw[u][3][w]);
-            a3 = e4m3_pair_to_f16x2_scaled<3>(vraw[u][2][w], vraw[u][3][w]);
+            a0 = e4m3_pair_to_f16x2<2, Cfg::kVCvt>(vraw[u][0][w], vraw[u][1][w]);
+            a1 = e4m3_pair_to_f16x2<3, Cfg::kVCvt>(vraw[u][0][w], vraw[u][1][w]);
+            a2 = e4m3_pair_to_f16x2<2, Cfg::kVCvt>(vraw[u][2][w], vraw[u][3][w]);
+            a3 = e4m3_pair_to_f16x2<3, Cfg::kVCvt>(vraw[u][2][w], vraw[u][3][w]);
           }
         } else {
           const uint32_t v0 = vraw[u][0][j], v1 = vraw[u][1][j], v2 = vraw[u][2][j], v3 = vraw[u][3][j];
