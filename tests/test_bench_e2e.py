@@ -334,3 +334,15 @@ def test_report_names_the_pieces_not_measured_yet():
     assert line.startswith("Not measured yet: FIREATTN fp8 skip sliding_window. " + refused)
     gemma.append(dict(gemma[0], backend="FIREATTN", kv_dtype="fp8", skip_layers=["sliding_window"]))
     assert e2e.missing_line("gemma3-12b-text", gemma).startswith(refused)  # nothing missing, the refusal stays
+
+
+def test_prefill_flops_count_the_visible_pairs():
+    """The kernel benchmark's FLOPs: every (query, key) pair a bottom-right causal mask lets through,
+    by brute force for a chunk over cached context; square causal keeps FA3's seqlen^2 / 2."""
+    from vllm_fireattn.bench.kernels import prefill_flops
+
+    q_len, seqlen, heads, d = 5, 12, 3, 8
+    pairs = sum(1 for i in range(q_len) for j in range(seqlen) if j <= seqlen - q_len + i)
+    assert prefill_flops(2, q_len, seqlen, heads, d, True) == 4 * 2 * pairs * heads * d
+    assert prefill_flops(1, q_len, seqlen, heads, d, False) == 4 * q_len * seqlen * heads * d
+    assert prefill_flops(1, 16, 16, heads, d, True) == 4 * 16 * 16 / 2 * heads * d

@@ -13,9 +13,13 @@ from vllm_fireattn import ops
 
 BLOCK = 16
 PREFILL_HEADS = {64: (64, 8), 128: (32, 8), 256: (16, 4)}
-# (batch, seqlen, causal)
+# (batch, seqlen, causal): square prefills (every key is new)
 PREFILL_SHAPES = [(1, 16384, True), (4, 4096, True), (1, 16384, False), (1, 4096, True), (8, 4096, True),
                   (1, 32768, True)]
+# (batch, q_len, seqlen): the last chunk of a long prompt under chunked prefill (vLLM's default
+# 16k-token chunks), causal bottom-right over the cached context: what TTFT at 64k-128k spends
+# most of its attention time on.
+PREFILL_CHUNK_SHAPES = [(1, 16384, 65536), (1, 16384, 131072)]
 # (batch, context): ANCHORS.md's shapes plus a batch-8 context sweep for the plot.
 DECODE_SHAPES = [(8, 32768), (1, 131072), (8, 8192), (64, 4096), (1, 32768), (8, 4096), (8, 16384), (8, 65536),
                  (32, 32768)]
@@ -77,16 +81,17 @@ def run(bench: str, quick: bool = False) -> list[dict]:
     for d, (hq, hkv) in PREFILL_HEADS.items():
         if d not in ops.compiled_head_dims():
             continue
-        shapes = PREFILL_SHAPES if bench == "prefill" else DECODE_SHAPES
-        for shape in shapes[:2] if quick else shapes:
-            if bench == "prefill":
-                batch, seqlen, causal = shape
-                q_len = seqlen
-            else:
-                (batch, seqlen), causal, q_len = shape, True, 1
+        if bench == "prefill":  # (batch, q_len, seqlen, causal)
+            shapes = [(b, n, n, c) for b, n, c in PREFILL_SHAPES]
+            shapes += [(b, q, n, True) for b, q, n in PREFILL_CHUNK_SHAPES]
+        else:
+            shapes = [(b, 1, n, True) for b, n in DECODE_SHAPES]
+        for batch, q_len, seqlen, causal in shapes[:2] if quick else shapes:
             s = _setup(batch, seqlen, q_len, hq, hkv, d)
             base = dict(bench=bench, head_dim=d, num_q_heads=hq, num_kv_heads=hkv, batch=batch, seqlen=seqlen,
                         causal=causal, paged=True, block_size=BLOCK)
+            if bench == "prefill":
+                base["q_len"] = q_len
             op = ops.prefill if bench == "prefill" else ops.decode
             impls = [("fa3", "bf16"), ("fa3", "fp8"), ("fireattn", "bf16"), ("fireattn", "fp8")]
             if bench == "prefill":  # the two-level accumulation's cost: promote every tile vs never
@@ -100,8 +105,7 @@ def run(bench: str, quick: bool = False) -> list[dict]:
                 ms = _bench(fn)
                 rec = dict(base, impl=impl, kv_dtype=kv, ms=ms)
                 if bench == "prefill":
-                    flops = 4 * batch * seqlen * seqlen * hq * d * (0.5 if causal else 1.0)
-                    rec["tflops"] = flops / ms / 1e9
+                    rec["tflops"] = prefill_flops(batch, q_len, seqlen, hq, d, causal) / ms / 1e9
                 else:
                     kv_bytes = 2 * batch * seqlen * hkv * d * (1 if kv == "fp8" else 2)
                     rec["gbps"] = kv_bytes / ms / 1e6
@@ -112,8 +116,21 @@ def run(bench: str, quick: bool = False) -> list[dict]:
     return records
 
 
+def prefill_flops(batch, q_len, seqlen, num_q_heads, head_dim, causal) -> float:
+    """QK^T + PV FLOPs over the visible (query, key) pairs. Causal is bottom-right aligned: query i
+    of q_len sees seqlen - q_len + i + 1 keys (a square causal prefill counts seqlen^2 / 2, as FA3's
+    benchmarks do, not the exact seqlen (seqlen + 1) / 2)."""
+    if not causal:
+        pairs = q_len * seqlen
+    elif q_len == seqlen:
+        pairs = seqlen * seqlen / 2
+    else:
+        pairs = q_len * (seqlen - q_len) + q_len * (q_len + 1) / 2
+    return 4.0 * batch * pairs * num_q_heads * head_dim
+
+
 def _add_ratios(records):
-    key = lambda r: (r["head_dim"], r["batch"], r["seqlen"], r["causal"])  # noqa: E731
+    key = lambda r: (r["head_dim"], r["batch"], r.get("q_len"), r["seqlen"], r["causal"])  # noqa: E731
     fa_bf16 = {key(r): r["ms"] for r in records if r["impl"] == "fa3" and r["kv_dtype"] == "bf16"}
     fa_fp8 = {key(r): r["ms"] for r in records if r["impl"] == "fa3" and r["kv_dtype"] == "fp8"}
     for r in records:
@@ -123,9 +140,9 @@ def _add_ratios(records):
 
 def print_table(records) -> None:
     metric = "tflops" if records and "tflops" in records[0] else "gbps"
-    print(f"{'D':>4} {'batch':>5} {'seqlen':>7} {'causal':>6} {'impl':>14} {'kv':>5} {'ms':>9} {metric:>8} "
-          f"{'t/fa3bf16':>9} {'x fa3fp8':>8}")
+    print(f"{'D':>4} {'batch':>5} {'q_len':>6} {'seqlen':>7} {'causal':>6} {'impl':>14} {'kv':>5} {'ms':>9} "
+          f"{metric:>8} {'t/fa3bf16':>9} {'x fa3fp8':>8}")
     for r in records:
-        print(f"{r['head_dim']:>4} {r['batch']:>5} {r['seqlen']:>7} {str(r['causal']):>6} {r['impl']:>14} "
-              f"{r['kv_dtype']:>5} {r['ms']:>9.3f} {r[metric]:>8.1f} {r['time_vs_fa3_bf16']:>9.2f} "
+        print(f"{r['head_dim']:>4} {r['batch']:>5} {r.get('q_len', 1):>6} {r['seqlen']:>7} {str(r['causal']):>6} "
+              f"{r['impl']:>14} {r['kv_dtype']:>5} {r['ms']:>9.3f} {r[metric]:>8.1f} {r['time_vs_fa3_bf16']:>9.2f} "
               f"{r['speedup_vs_fa3_fp8']:>8.2f}")

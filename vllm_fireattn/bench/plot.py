@@ -1,7 +1,7 @@
 """PNG plots from a kernel-benchmark JSON: one panel per head dim, one line per kernel.
 
 decode: effective GB/s vs context for the batch with the most contexts (the batch-8 sweep);
-prefill: TFLOP/s vs sequence length (causal rows, batch 1).
+prefill: TFLOP/s vs sequence length (square causal rows, batch 1; chunk rows are in the table only).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def plot(json_path: str, png_path: str | None = None) -> str:
         title = f"decode, batch {batch}, paged block 16: effective bandwidth"
         xlabel, ylabel = "context (tokens)", "GB/s (KV bytes read / time)"
     else:
-        rows = [r for r in records if r["batch"] == 1 and r["causal"]]
+        rows = [r for r in records if r["batch"] == 1 and r["causal"] and r.get("q_len", r["seqlen"]) == r["seqlen"]]
         title = "prefill, batch 1, causal, paged block 16"
         xlabel, ylabel = "sequence length", "TFLOP/s"
     dims = sorted({r["head_dim"] for r in rows})
