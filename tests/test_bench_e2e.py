@@ -13,6 +13,30 @@ def test_polyfit_recovers_lines_and_parabolas():
     assert e2e._polyfit(xs, [1e-6 * x * x + 0.01 * x + 5 for x in xs], 2) == pytest.approx([1e-6, 0.01, 5])
 
 
+def test_slope_standard_error_matches_numpy_and_reaches_the_ratio():
+    """The ITL slope's OLS standard error (numpy's polyfit covariance as the independent check) and
+    its delta-method share in the slope ratio shown next to the issue-6 bound."""
+    np = pytest.importorskip("numpy")
+    xs = [256, 2048, 8192, 32768, 65536, 125000]
+    noise = [0.01, -0.02, 0.015, -0.01, 0.02, 0.005]
+    recs = {}
+    for backend, kv, slope in (("FLASH_ATTN", "bf16", 3e-5), ("FIREATTN", "fp8", 1.6e-5)):
+        ys = [5.0 + slope * x + e for x, e in zip(xs, noise)]
+        fit = e2e.fit_sweep([dict(input_len=x, itl_ms=y, ttft_ms=1e-3 * x) for x, y in zip(xs, ys)])
+        _, cov = np.polyfit(np.array(xs, float), np.array(ys), 1, cov=True)
+        assert fit["itl_slope_se_ms_per_token"] == pytest.approx(float(np.sqrt(cov[0, 0])), rel=1e-6)
+        recs[backend] = fit["itl_slope_se_ms_per_token"] / fit["itl_slope_ms_per_token"]
+        recs[backend + "_sweep"] = [dict(bench="e2e_sweep", model="llama31-8b", backend=backend, kv_dtype=kv,
+                                         skip_layers=[], input_len=x, itl_ms=y, ttft_ms=1e-3 * x)
+                                    for x, y in zip(xs, ys)]
+    fits = e2e.analyze(recs["FLASH_ATTN_sweep"] + recs["FIREATTN_sweep"])
+    mine = next(f for f in fits if f["backend"] == "FIREATTN")
+    want = mine["itl_slope_vs_fa3_bf16"] * (recs["FIREATTN"] ** 2 + recs["FLASH_ATTN"] ** 2) ** 0.5
+    assert mine["itl_slope_vs_fa3_bf16_se"] == pytest.approx(want) and want > 0
+    (name, _, value, _, se), *_ = e2e.target_rows(mine)
+    assert name == "ITL slope x FA3 BF16" and se == mine["itl_slope_vs_fa3_bf16_se"]
+
+
 def _sweep(backend, kv, slope, intercept, quad, lens=(256, 2048, 8192, 32768, 125000), skip=()):
     return [dict(bench="e2e_sweep", model="llama31-8b", backend=backend, impl=e2e.IMPL_NAMES[backend], kv_dtype=kv,
                  skip_layers=list(skip), input_len=n, output_len=128, itl_ms=intercept + slope * n,
@@ -64,14 +88,14 @@ def test_report_merges_a_directory_and_resumes_by_file(tmp_path):
     merged = json.loads(out.with_suffix(".json").read_text())
     assert sum(r["bench"] == "e2e_fit" for r in merged["records"]) == 2
     # slope 0.50x of BF16 meets the 0.52 target; no load or TTFT-at-max data is "-", not met
-    assert "| ITL slope x FA3 BF16 | <= 0.52 | 0.500 | yes |" in text
+    assert "| ITL slope x FA3 BF16 | <= 0.52 | 0.500 +- 0.000 | yes |" in text  # exact lines: no spread
     assert "| throughput under load x FA3 BF16 | >= 1.2 | - | - |" in text
 
 
 def test_targets_judge_each_bound():
     fit = {"model": "llama31-8b", "itl_slope_vs_fa3_bf16": 0.6, "itl_intercept_minus_fa3_bf16_ms": -0.04,
            "ttft_vs_fa3_bf16_at_max": 0.8, "load_vs_fa3_bf16": 1.19}
-    met = {name: ok for name, _, _, ok in e2e.target_rows(fit)}
+    met = {name: ok for name, _, _, ok, _ in e2e.target_rows(fit)}
     assert met == {"ITL slope x FA3 BF16": False, "ITL intercept - FA3 BF16 (ms)": True,
                    "TTFT at max input x FA3 BF16": True, "throughput under load x FA3 BF16": False}
     assert e2e.target_rows({"model": "unknown"}) == []

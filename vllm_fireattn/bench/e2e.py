@@ -342,10 +342,17 @@ def fit_sweep(records: list[dict]) -> dict:
     if len(pts) < 3:
         raise ValueError(f"need >= 3 input lengths to fit, got {len(pts)}")
     xs = [float(p[0]) for p in pts]
-    slope, intercept = _polyfit(xs, [p[1] for p in pts], 1)
+    ys = [p[1] for p in pts]
+    slope, intercept = _polyfit(xs, ys, 1)
     qa, qb, qc = _polyfit(xs, [p[2] for p in pts], 2)
-    return {"itl_slope_ms_per_token": slope, "itl_intercept_ms": intercept, "ttft_quad_ms": [qa, qb, qc],
-            "max_input_len": int(max(xs))}
+    # Standard error of the slope (ordinary least squares): how far two sweeps of one build can
+    # disagree, so a ratio within it of a target bound reads as "at the bound", not as met / missed.
+    x_mean = sum(xs) / len(xs)
+    sxx = sum((x - x_mean) ** 2 for x in xs)
+    rss = sum((y - (slope * x + intercept)) ** 2 for x, y in zip(xs, ys))
+    slope_se = math.sqrt(rss / (len(xs) - 2) / sxx)
+    return {"itl_slope_ms_per_token": slope, "itl_slope_se_ms_per_token": slope_se, "itl_intercept_ms": intercept,
+            "ttft_quad_ms": [qa, qb, qc], "max_input_len": int(max(xs))}
 
 
 def ttft_at(fit: dict, n: float) -> float:
@@ -404,7 +411,13 @@ def analyze(records: list[dict], cutoffs_ms=None) -> list[dict]:
             rec.update(f)
             rec["ttft_at_max_ms"] = ttft_at(f, f["max_input_len"])
         if f and ref:
-            rec["itl_slope_vs_fa3_bf16"] = f["itl_slope_ms_per_token"] / ref["itl_slope_ms_per_token"]
+            ratio = f["itl_slope_ms_per_token"] / ref["itl_slope_ms_per_token"]
+            rec["itl_slope_vs_fa3_bf16"] = ratio
+            if f.get("itl_slope_se_ms_per_token") is not None and ref.get("itl_slope_se_ms_per_token") is not None \
+                    and f["itl_slope_ms_per_token"] and ref["itl_slope_ms_per_token"]:  # delta method
+                rec["itl_slope_vs_fa3_bf16_se"] = abs(ratio) * math.hypot(
+                    f["itl_slope_se_ms_per_token"] / f["itl_slope_ms_per_token"],
+                    ref["itl_slope_se_ms_per_token"] / ref["itl_slope_ms_per_token"])
             rec["itl_intercept_minus_fa3_bf16_ms"] = f["itl_intercept_ms"] - ref["itl_intercept_ms"]
             n = min(f["max_input_len"], ref["max_input_len"])
             rec["ttft_vs_fa3_bf16_at_max"] = ttft_at(f, n) / ttft_at(ref, n)
@@ -442,11 +455,12 @@ TARGET_NAMES = {"itl_slope_vs_fa3_bf16": "ITL slope x FA3 BF16", "itl_intercept_
                 "load_vs_fa3_bf16": "throughput under load x FA3 BF16"}
 
 
-def target_rows(fit: dict) -> list[tuple[str, str, float | None, bool | None]]:
-    """(name, bound text, value, met) for each issue-6 target of a FIREATTN FP8 fit record."""
+def target_rows(fit: dict) -> list[tuple[str, str, float | None, bool | None, float | None]]:
+    """(name, bound text, value, met, standard error or None) for each issue-6 target of a FIREATTN
+    FP8 fit record."""
     rows = []
     for key, op, bound in TARGETS.get(fit["model"], []):
-        value = fit.get(key)
+        value, se = fit.get(key), fit.get(key + "_se")
         if value is None:
             met = None
         elif op == "<=":
@@ -455,7 +469,7 @@ def target_rows(fit: dict) -> list[tuple[str, str, float | None, bool | None]]:
             met = value >= bound
         else:
             met = abs(value) <= bound
-        rows.append((TARGET_NAMES[key], f"{'within +-' if op == 'abs<=' else op} {bound:g}", value, met))
+        rows.append((TARGET_NAMES[key], f"{'within +-' if op == 'abs<=' else op} {bound:g}", value, met, se))
     return rows
 
 
@@ -564,8 +578,10 @@ def markdown(fits: list[dict], envs: list[dict], sources: dict[str, list[int]], 
             skip = f" (skip layers: {','.join(f['skip_layers'])})" if f["skip_layers"] else ""
             lines += [f"Issue-6 targets, FIREATTN FP8{skip}:", "", "| target | bound | measured | met |",
                       "|---|---|---|---|"]
-            lines += [f"| {name} | {bound} | {_fmt(value, '.3f')} | "
-                      f"{'-' if met is None else ('yes' if met else '**no**')} |" for name, bound, value, met in rows]
+            lines += [f"| {name} | {bound} | {_fmt(value, '.3f')}{'' if se is None else f' +- {se:.3f}'} | "
+                      f"{'-' if met is None else ('yes' if met else '**no**')} |" for name, bound, value, met, se in rows]
+            if any(se is not None for *_, se in rows):
+                lines += ["", "(+- one standard error of the ratio, from the two least-squares slope fits.)"]
             lines.append("")
         served = [f for f in fits if f["model"] == model and f.get("serve_rps_at_budget")]
         if served:
