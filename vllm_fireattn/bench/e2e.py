@@ -29,7 +29,8 @@ into the files of --dir, re-pointing their env_index; a point already there (sam
 length, or request rate for serve) is skipped unless --replace. Bad input writes nothing.
 `report` merges every JSON of a directory and writes the markdown report (fits, ratios against
 FLASH_ATTN BF16, targets) plus PNG plots next to it: ITL = slope x input_len + intercept (least
-squares), TTFT = quadratic fit, break-even input length against BF16 of the same backend family.
+squares; the slope ratio carries its standard error), TTFT = quadratic fit, break-even input length
+against BF16 of the same backend family.
 The header lists every GPU, driver and commit; a model measured in more than one session says so,
 and each model names the backend x KV pieces the suite asks for that it has no results for yet.
 
