@@ -414,8 +414,7 @@ def analyze(records: list[dict], cutoffs_ms=None) -> list[dict]:
         if f and ref:
             ratio = f["itl_slope_ms_per_token"] / ref["itl_slope_ms_per_token"]
             rec["itl_slope_vs_fa3_bf16"] = ratio
-            if f.get("itl_slope_se_ms_per_token") is not None and ref.get("itl_slope_se_ms_per_token") is not None \
-                    and f["itl_slope_ms_per_token"] and ref["itl_slope_ms_per_token"]:  # delta method
+            if f["itl_slope_ms_per_token"] and ref["itl_slope_ms_per_token"]:  # delta method
                 rec["itl_slope_vs_fa3_bf16_se"] = abs(ratio) * math.hypot(
                     f["itl_slope_se_ms_per_token"] / f["itl_slope_ms_per_token"],
                     ref["itl_slope_se_ms_per_token"] / ref["itl_slope_ms_per_token"])
