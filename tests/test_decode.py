@@ -117,6 +117,54 @@ def test_decode_cuda_graph_replay_matches_eager():
         assert torch.all(replayed[0] == 0)
 
 
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+def test_decode_sees_the_cache_write_before_it_in_a_graph(fp8):
+    """A decode step as vLLM runs it: the new token's K/V write, then decode, captured in one CUDA
+    graph. The decode kernel is launched as the write's programmatic dependent (it may start
+    before the write ends): every replay must attend to the token just written. The new key is
+    aligned with the queries, so a stale read of its slot changes the output a lot."""
+    _skip_unless(128)
+    bsz, hq, hkv, d, bs = 4, 16, 4, 128, 16
+    ctx = [300, 1000, 4000, 70]  # 4000 keys: several splits, so the combine kernel runs too
+    a = make_paged_batch([1] * bsz, ctx, hq, hkv, d, block_size=bs, fp8=fp8, seed=21)
+    out = torch.empty_like(a.query)
+    k_new = torch.empty(bsz, hkv, d, dtype=a.query.dtype, device="cuda")
+    v_new = torch.empty_like(k_new)
+    slots = torch.empty(bsz, dtype=torch.int64, device="cuda")
+    seq_lens = a.seq_lens.clone()
+
+    def step():
+        ops.cache_write(k_new, v_new, a.kv_cache, slots, a.k_scale, a.v_scale)
+        ops.decode(out, a.query, a.kv_cache, a.block_table, a.cu_seqlens_q, seq_lens, a.q_scale, a.k_scale,
+                   a.v_scale, d**-0.5, 1, True, -1, 0.0, None, None)
+
+    def new_token(trial):  # the step's token at position seq_len - 1: a key along the queries' mean
+        gen = torch.Generator().manual_seed(100 + trial)
+        q = a.query.float().view(bsz, hkv, hq // hkv, d).mean(2)
+        k_new.copy_((3.0 * q / q.norm(dim=-1, keepdim=True) * d**0.5).to(k_new.dtype))
+        v_new.copy_((4.0 * torch.randn(bsz, hkv, d, generator=gen)).to(v_new.dtype))
+        lens = torch.tensor(ctx, dtype=torch.int32) - 40 * trial  # a different slot each trial
+        seq_lens.copy_(lens)
+        pos = lens.long().cuda() - 1
+        slots.copy_(a.block_table.long()[torch.arange(bsz, device="cuda"), pos // bs] * bs + pos % bs)
+
+    new_token(0)
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for trial in range(1, 4):
+        new_token(trial)
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = out.clone()
+        ops.decode(out, a.query, a.kv_cache, a.block_table, a.cu_seqlens_q, seq_lens, a.q_scale, a.k_scale,
+                   a.v_scale, d**-0.5, 1, True, -1, 0.0, None, None)  # after the write, in order
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, out), f"trial {trial}: the graph's decode did not see the new token"
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 40, 64, 77])
 @pytest.mark.parametrize("window_left", [-1, 700])
 def test_decode_split_counts(num_splits, window_left):

@@ -21,6 +21,9 @@ __global__ void __launch_bounds__(kThreads) cache_write_kernel(
     int64_t kv_stride, const int64_t* __restrict__ slot_mapping, const float* __restrict__ k_scale,
     const float* __restrict__ v_scale, int k_scale_stride, int v_scale_stride, int num_kv_heads, int head_dim,
     int block_size) {
+  // The decode kernel that follows a cache write is launched as its programmatic dependent: let
+  // it be scheduled now (it waits for this grid to finish before it reads anything).
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   const int token = blockIdx.x;
   const int64_t slot = slot_mapping[token];
   if (slot < 0) return;

@@ -28,6 +28,8 @@
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "common/attention_params.h"
@@ -48,8 +50,11 @@ struct DecodeParams {
 #ifndef FIREATTN_DECODE_STAGE_BYTES
 #define FIREATTN_DECODE_STAGE_BYTES 2048
 #endif
-#ifndef FIREATTN_DECODE_MIN_BLOCKS
+#ifndef FIREATTN_DECODE_MIN_BLOCKS  // FP8 caches at head_dim 64 / 128 and 16-bit caches at 64
 #define FIREATTN_DECODE_MIN_BLOCKS 4
+#endif
+#ifndef FIREATTN_DECODE_MIN_BLOCKS_D256_FP8
+#define FIREATTN_DECODE_MIN_BLOCKS_D256_FP8 3
 #endif
 #ifndef FIREATTN_DECODE_L2_PREFETCH  // bytes: 256, 128, or 0 (no hint)
 #define FIREATTN_DECODE_L2_PREFETCH 256
@@ -117,8 +122,13 @@ struct DecodeConfig {
   static constexpr int kVBytes = kRowBytes / 8;
   static constexpr int kVWords = kVBytes / 4;
   // CTAs per SM the register cap (__launch_bounds__) guarantees; the scheduler asks the runtime
-  // for the actual occupancy (fireattn::decode_ctas_per_sm) and plans one wave.
-  static constexpr int kMinBlocks = D < 256 ? FIREATTN_DECODE_MIN_BLOCKS : (kFp8 ? 3 : 2);
+  // for the actual occupancy (fireattn::decode_ctas_per_sm) and plans one wave. 16-bit caches at
+  // head_dim 128 take 3: capped at 4 (128 registers) ptxas spilled 124 bytes, and the kernel ran
+  // 14-16% slower (H200, one call, BF16 cache, tools/decode_latency.py, us: 1 x 128k 143.9 vs
+  // 172.1, 8 x 32k 281.7 vs 327.7, 8 x 8k 79.0 vs 90.5). FP8 caches with 3 instead of 4 (more
+  // registers, or 4 KB stages) were level or up to 5% slower at head_dim 64 / 128.
+  static constexpr int kMinBlocks = D == 256 ? (kFp8 ? FIREATTN_DECODE_MIN_BLOCKS_D256_FP8 : 2)
+                                             : (kFp8 || D == 64 ? FIREATTN_DECODE_MIN_BLOCKS : 3);
   // Per head dim, as measured (H200, one call each, us; tools/decode_latency.py): V widened by
   // cvt at head_dim 64 only (7-9% faster there; head_dim 256 up to 7% slower at 32k). Load
   // addresses with the compile-time row size (immediate offsets, ~50 fewer loop instructions)
@@ -142,6 +152,22 @@ struct DecodeConfig {
 #else
 #define FIREATTN_LD_STREAM "ld.global.nc.L1::no_allocate"
 #endif
+
+// Programmatic dependent launch (sm_90): the host launches the split kernel and the combine with
+// cudaLaunchAttributeProgrammaticStreamSerialization, so each may be scheduled while the kernel
+// before it in the stream still runs. pdl_wait() blocks until that kernel has finished and its
+// writes are visible (a no-op when launched without the attribute); both kernels call it before
+// their first global-memory read, so nothing they read can be stale whatever ran before
+// (tests/test_decode.py captures a cache write + decode step in a CUDA graph: without the wait
+// the decode misses the token just written). pdl_launch_dependents() lets the next kernel be
+// scheduled before this grid ends; fireattn.cache_write calls it too, as a decode step's KV
+// write precedes its decode. H200, CUDA graph of 8 layers of (cache write + decode), batch 1,
+// FP8 cache, us per layer, PDL / plain launches, same call: head_dim 128 1k 10.96 / 12.34, 4k
+// 14.02 / 15.14, 32k 28.58 / 30.02; head_dim 64 8k 13.13 / 14.45; head_dim 256 1k 14.60 /
+// 15.60, 8k 23.70 / 24.98 (BF16 caches alike); batch 8 x 4k decode alone 28.19 / 28.62.
+// FIREATTN_DECODE_PDL=0 launches both kernels the ordinary way.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
 
 __device__ __forceinline__ uint4 ld_stream16(const uint8_t* p) {
   uint4 r;
@@ -273,6 +299,7 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
   // cache head_dim 128 1k 11.83 vs 15.41; batch 8 unchanged.
   const int seq = blockIdx.y, split = blockIdx.z;
   const int kvh = blockIdx.x / dp.row_tiles, rt = blockIdx.x % dp.row_tiles;
+  pdl_wait();
   const int q_begin = p.cu_seqlens_q[seq];
   const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
   const int seq_len = p.seq_lens[seq];
@@ -550,6 +577,9 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
     if (stage + Cfg::kWarps < num_stages) load_v(stage + Cfg::kWarps);
   }
 
+  // The combine may be scheduled now (it waits for this grid's end before reading): triggered at
+  // the kernel's start instead, its waiting CTAs cost up to 9% (head_dim 64, 1 x 8k).
+  pdl_launch_dependents();
   // ---- merge the 4 warps ----
 #pragma unroll
   for (int c = 0; c < 2; ++c) {
@@ -657,6 +687,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(cons
   __shared__ __align__(16) float partial[kCombineWarps][D];
   const int seq = blockIdx.z, kvh = blockIdx.y, row = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  pdl_wait();  // the split kernel's partials
   const int q_begin = p.cu_seqlens_q[seq];
   const int q_len = p.cu_seqlens_q[seq + 1] - q_begin;
   if (row >= q_len * dp.group) return;  // the whole CTA
@@ -727,14 +758,41 @@ int decode_ctas_per_sm() {
   return blocks;
 }
 
+inline bool decode_pdl_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("FIREATTN_DECODE_PDL");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  return on;
+}
+
+template <typename Kernel>
+void launch_pdl(Kernel kernel, dim3 grid, int threads, cudaStream_t stream, const DecodeParams& dp) {
+  if (!decode_pdl_enabled()) {
+    kernel<<<grid, threads, 0, stream>>>(dp);
+    return;
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  cudaLaunchKernelEx(&cfg, kernel, dp);
+}
+
 template <typename QT, bool kFp8, int D>
 void launch_decode(const DecodeParams& dp, cudaStream_t stream) {
   using Cfg = DecodeConfig<QT, kFp8, D>;
   const dim3 grid(dp.row_tiles * dp.a.num_kv_heads, dp.a.num_seqs, dp.num_splits);  // split slowest
-  decode_kernel<QT, kFp8, D><<<grid, Cfg::kThreads, 0, stream>>>(dp);
+  launch_pdl(decode_kernel<QT, kFp8, D>, grid, Cfg::kThreads, stream, dp);
   if (dp.num_splits > 1) {
     const dim3 cgrid(dp.row_tiles * 8, dp.a.num_kv_heads, dp.a.num_seqs);  // one CTA per row
-    decode_combine_kernel<QT, D><<<cgrid, kCombineWarps * 32, 0, stream>>>(dp);
+    launch_pdl(decode_combine_kernel<QT, D>, cgrid, kCombineWarps * 32, stream, dp);
   }
 }
 
