@@ -44,7 +44,7 @@ def generate(out_dir: Path) -> list[Path]:
                      f"launch_decode<{cfg}>(const DecodeParams&, cudaStream_t);\n"
                      f"template int decode_ctas_per_sm<{cfg}>()"),
                     ("prefill", "prefill/prefill_kernel.cuh",
-                     f"launch_prefill<{cfg}>(const AttentionParams&, int, int, cudaStream_t)"),
+                     f"launch_prefill<{cfg}>(const AttentionParams&, int, int, bool, cudaStream_t)"),
                 ):
                     path = out_dir / f"{name}_{dt}_{kind}_d{d}.cu"
                     _write_if_changed(
@@ -81,7 +81,7 @@ def _wgmma_header() -> str:
            "namespace fireattn {", "template <int N> struct WgmmaFp8;", "template <int N> struct WgmmaBf16;",
            "template <int N> struct WgmmaF16;"]
     for name, ab, k, ss_tail, rs_tail, sizes in (
-            ("WgmmaFp8", "e4m3.e4m3", 32, "p, 1, 1", "p, 1, 1", (64, 128)),
+            ("WgmmaFp8", "e4m3.e4m3", 32, "p, 1, 1", "p, 1, 1", (64, 128, 256)),
             ("WgmmaBf16", "bf16.bf16", 16, "p, 1, 1, 0, 0", "p, 1, 1, 0", (32, 64, 128)),
             ("WgmmaF16", "f16.f16", 16, "p, 1, 1, 0, 0", "p, 1, 1, 0", (32, 64, 128))):
         out += _wgmma_structs(name, ab, k, ss_tail, rs_tail, sizes)

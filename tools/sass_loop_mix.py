@@ -2,7 +2,8 @@
 
 The FP8 prefill's consumer warpgroups are issue-bound (ncu, benchmarks/results/h200/README.md),
 so the number of instructions a consumer warp issues per key tile is a GPU-free proxy for a
-change's effect. This walks the SASS of the promote-every-tile kernel (`...Lb1EEE...`) and counts
+change's effect. This walks the SASS of the promote-every-tile kernel with the default key tile
+(`...Lb1ELb0EEE...`: kEveryTile, not kWide) and counts
 the instructions of one iteration on the common path (no mask, no soft cap):
 
   loop head (the `ready` wait) .. the QK^T wgmma wait .. the fall-through softmax variant (the
@@ -45,7 +46,7 @@ def kernel_instructions(sass: str, kernel_marker: str = "prefill_kernel") -> lis
     for line in sass.splitlines():
         if "Function : " in line:
             name = line.split("Function : ")[1].strip()
-            inside = kernel_marker in name and (kernel_marker != "prefill_kernel" or "Lb1EEE" in name)
+            inside = kernel_marker in name and (kernel_marker != "prefill_kernel" or "Lb1ELb0EEE" in name)
             if out and not inside:
                 break
             continue

@@ -78,7 +78,8 @@ def run_matrix_transpose(D, N, staging):
             st_addr.append(ktile_offset(D, N, d, kg * 16))
             cw = min(N, 128); st_dim = d - dg * 32
             st_sw = ktile_offset(D, N, st_dim, 0) - st_dim * cw
-            assert st_addr[-1] == st_dim * cw + dg * 32 * cw + ((kg * 16) ^ st_sw)
+            st_key = (kg * 16 // cw) * (D * cw) + ((kg * 16 % cw) ^ st_sw)  # 256-key tiles: 2 column chunks
+            assert st_addr[-1] == st_dim * cw + dg * 32 * cw + st_key
         for m in range(4):
             g = [(a >> 4) & 7 for a in st_addr[8 * m:8 * m + 8]]
             worst = max(worst, max(g.count(x) for x in g))
@@ -101,8 +102,8 @@ def expected_vt_word(V, d, w):
     kbase = step * 32 + (16 if tt >= 4 else 0) + 2 * u
     keys = (kbase, kbase + 1, kbase + 8, kbase + 9)
     return sum(V[k][d] << (8 * i) for i, k in enumerate(keys))
-# (head_dim, keys per FP8 tile)
-for D, N in ((64, 128), (128, 128), (256, 64)):
+# (head_dim, keys per FP8 tile; head_dim 64 takes 256-key tiles for long queries)
+for D, N in ((64, 128), (64, 256), (128, 128), (256, 64)):
     CW = min(D, 128)
     V = [[random.randrange(256) for _ in range(D)] for _ in range(N)]
     for bs in (16, 32, 64, 128, 256):
@@ -162,8 +163,8 @@ for D, N in ((64, 128), (128, 128), (256, 64)):
 # Page boxes of a tile (lanes of warp 0): cover [max(k0, kv_begin), min(k0 + N, kv_end)), stay inside
 # one page and the tile, start 16-key aligned, and only name pages holding a visible key.
 
-for N in (32, 64, 128):
-    tshift = {32: 5, 64: 6, 128: 7}[N]
+for N in (32, 64, 128, 256):
+    tshift = {32: 5, 64: 6, 128: 7, 256: 8}[N]
     for bs in (16, 32, 64, 128, 256, 512):
         bshift = bs.bit_length() - 1
         for _ in range(3000):

@@ -101,8 +101,9 @@ constexpr int kProducerExperiment = FIREATTN_PREFILL_PRODUCER_EXPERIMENT;
 constexpr bool kPrefillTma = FIREATTN_PREFILL_TMA != 0;
 
 // kElem: cache bytes per element (1: FP8 e4m3 with FP8 MMAs; 2: a BF16/FP16 cache with 16-bit MMAs).
-template <int D, int kElem = 1>
+template <int D, int kElem = 1, bool kWide = false>
 struct PrefillConfig {
+  static_assert(!kWide || (kElem == 1 && D == 64), "256-key tiles: FP8 head_dim 64 only");
   // Warpgroup 0 loads K and V and transposes V; warpgroups 1 and 2 compute 64 rows each.
   static constexpr int kThreads = 384;
   static constexpr int kProducerThreads = 128;
@@ -123,8 +124,15 @@ struct PrefillConfig {
   // head_dim 256 takes 64-key tiles (32 for 16-bit caches, to fit the ring in shared memory) and
   // 64-wide PV slices so that the 128-register output accumulator, its promotion slice, S and P
   // fit in a consumer's registers. Without the TMA layout 16-bit caches halve the tile at D >= 128.
-  static constexpr int kBlockN = kDirect16 ? (D == 256 ? 32 : 128)
-                                           : (D == 256 ? 64 : 128) / (kElem == 2 && D >= 128 ? 2 : 1);
+  // kWide (FP8 head_dim 64, long queries): 256-key tiles halve the per-tile softmax overhead (row
+  // max / sum shuffles, rescale, promotion, wgmma waits; 372 instead of 432 consumer instructions
+  // per 128 keys) and still fit (S 128 registers, no spill; ring 4 x 48 KB). H200, same call,
+  // TFLOP/s 256 / 128 keys: 1 x 16k causal 480 / 449, non-causal 531 / 482, the last 16k chunk
+  // of a 64k / 128k prompt 542 / 492, 547 / 495; but 4 x 4k 326 / 341 and 8 x 2k 229 / 263
+  // (the causal diagonal wastes up to a tile per row tile), hence the query-length switch.
+  static constexpr int kBlockN = kWide ? 256
+                                 : kDirect16 ? (D == 256 ? 32 : 128)
+                                             : (D == 256 ? 64 : 128) / (kElem == 2 && D >= 128 ? 2 : 1);
   static constexpr int kPvN = D == 256 ? 64 : D;  // output columns per PV wgmma
   static constexpr int kPvSlices = D / kPvN;
   static constexpr int kStages = kElem == 1 ? FIREATTN_PREFILL_STAGES : (kDirect16 && D != 128 ? 4 : 3);  // K / V ring depth
@@ -438,8 +446,8 @@ template <typename QT, bool kFp8, int N>
 using WgmmaFor = std::conditional_t<kFp8, WgmmaFp8<N>,
                                     std::conditional_t<std::is_same_v<QT, __nv_bfloat16>, WgmmaBf16<N>, WgmmaF16<N>>>;
 
-template <typename QT, bool kFp8, int D, bool kEveryTile>
-__global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) prefill_kernel(const AttentionParams p, const int promote_every
+template <typename QT, bool kFp8, int D, bool kEveryTile, bool kWide>
+__global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThreads, 1) prefill_kernel(const AttentionParams p, const int promote_every
 #if FIREATTN_PREFILL_TMA
                                                           ,
                                                           const __grid_constant__ CUtensorMap kv_map, const int use_tma
@@ -448,13 +456,13 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
   constexpr int kElem = kFp8 ? 1 : 2;
   // kTmaLayout: V staging in the K tile's layout (TMA's swizzle), read by the TMA transpose;
   // tma: the loads are TMA (else cp.async into that layout, the host's run-time fallback).
-  constexpr bool kTmaLayout = PrefillConfig<D, kElem>::kTmaLayout;
+  constexpr bool kTmaLayout = PrefillConfig<D, kElem, kWide>::kTmaLayout;
 #if FIREATTN_PREFILL_TMA
   const bool tma = kTmaLayout && kProducerExperiment < 2 && use_tma != 0;  // experiment 2 issues no loads
 #else
   constexpr bool tma = false;
 #endif
-  using Cfg = PrefillConfig<D, kElem>;
+  using Cfg = PrefillConfig<D, kElem, kWide>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int kPvN = Cfg::kPvN, kPvSlices = Cfg::kPvSlices;
   constexpr int kRowBytes = Cfg::kRowBytes;
@@ -536,8 +544,8 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
           // Boxes of min(block_size, kBlockN) keys (aligned, so one never crosses a page or the
           // tile) overlapping [kv_begin, kv_end), one lane each (block_size >= 16: n <= 8 lanes).
           if (warp == 0) {
-            constexpr int kTileShift = kBlockN == 128 ? 7 : kBlockN == 64 ? 6 : 5;
-            static_assert((1 << kTileShift) == kBlockN, "kBlockN is 32, 64 or 128");
+            constexpr int kTileShift = kBlockN == 256 ? 8 : kBlockN == 128 ? 7 : kBlockN == 64 ? 6 : 5;
+            static_assert((1 << kTileShift) == kBlockN, "kBlockN is 32, 64, 128 or 256");
             const int box_shift = min(block_shift, kTileShift);
             const int lo = max(k0, kv_begin), hi = min(k0 + kBlockN, kv_end);
             const int first = lo >> box_shift, n = ((hi - 1) >> box_shift) - first + 1;
@@ -654,7 +662,9 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
           const int kg = u % kGroups, dg = u / kGroups;
           uint32_t r[4];
           ldsm_x4(ld_lane + kg * 16 * KTile::CW + (dg * 32 / KTile::CW) * (kBlockN * KTile::CW) + ((dg * 32 % KTile::CW) ^ ld_x), r);
-          stsm_x4_trans(st_lane + dg * 32 * VtTile::CW + ((kg * 16) ^ st_sw), prmt(r[0], r[1], sel_x), prmt(r[0], r[1], sel_y),
+          // Keys past VtTile::CW bytes (256-key tiles) sit in the tile's next column chunk.
+          const uint32_t st_key = (kg * 16 / VtTile::CW) * (D * VtTile::CW) + ((kg * 16 % VtTile::CW) ^ st_sw);
+          stsm_x4_trans(st_lane + dg * 32 * VtTile::CW + st_key, prmt(r[0], r[1], sel_x), prmt(r[0], r[1], sel_y),
                         prmt(r[2], r[3], sel_x), prmt(r[2], r[3], sel_y));
         }
       } else if constexpr (kFp8) {
@@ -1006,15 +1016,15 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2>::kThreads, 1) p
   }
 }
 
-template <typename QT, bool kFp8, int D>
-void launch_prefill(const AttentionParams& p, int max_query_len, int promote_every, cudaStream_t stream) {
-  using Cfg = PrefillConfig<D, kFp8 ? 1 : 2>;
+template <typename QT, bool kFp8, int D, bool kWide>
+void launch_prefill_tiles(const AttentionParams& p, int max_query_len, int promote_every, cudaStream_t stream) {
+  using Cfg = PrefillConfig<D, kFp8 ? 1 : 2, kWide>;
   const int group = p.num_q_heads / p.num_kv_heads;
   const int tiles = (max_query_len * group + Cfg::kBlockM - 1) / Cfg::kBlockM;
   if (tiles == 0 || p.num_seqs == 0) return;
-  auto kernel = prefill_kernel<QT, kFp8, D, true>;
+  auto kernel = prefill_kernel<QT, kFp8, D, true, kWide>;
   if constexpr (kFp8 && D != 256) {
-    if (promote_every != 1) kernel = prefill_kernel<QT, kFp8, D, false>;
+    if (promote_every != 1) kernel = prefill_kernel<QT, kFp8, D, false, kWide>;
   }
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   const dim3 grid(tiles, p.num_seqs, p.num_kv_heads);
@@ -1030,6 +1040,18 @@ void launch_prefill(const AttentionParams& p, int max_query_len, int promote_eve
 #else
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, promote_every);
 #endif
+}
+
+// wide: 256-key tiles (FP8 head_dim 64 only; the caller decides, prefill.cu's prefill_wide_tiles).
+template <typename QT, bool kFp8, int D>
+void launch_prefill(const AttentionParams& p, int max_query_len, int promote_every, bool wide, cudaStream_t stream) {
+  if constexpr (kFp8 && D == 64) {
+    if (wide) {
+      launch_prefill_tiles<QT, kFp8, D, true>(p, max_query_len, promote_every, stream);
+      return;
+    }
+  }
+  launch_prefill_tiles<QT, kFp8, D, false>(p, max_query_len, promote_every, stream);
 }
 
 }  // namespace fireattn
