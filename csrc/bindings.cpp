@@ -19,7 +19,8 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache
             bool causal, int64_t window_left, double softcap, const std::optional<at::Tensor>& sinks,
             const std::optional<at::Tensor>& lse, int64_t num_splits);
 int64_t decode_ctas_per_sm(int64_t head_dim, bool fp8, bool fp16);
-int64_t prefill_key_tile(int64_t head_dim, bool fp8, int64_t max_query_len);
+int64_t prefill_key_tile(int64_t head_dim, bool fp8);
+bool prefill_wide_tiles(int64_t head_dim, bool fp8, int64_t max_query_len, int64_t promote_every);
 }  // namespace fireattn
 
 #define FIREATTN_ATTENTION_ARGS                                                                             \
@@ -39,7 +40,8 @@ TORCH_LIBRARY(fireattn, m) {
   // Resident decode CTAs per SM on the current device (the split plan's wave size).
   m.def("decode_ctas_per_sm(int head_dim, bool fp8, bool fp16) -> int", &fireattn::decode_ctas_per_sm);
   // Keys per prefill tile (the tests' numerics emulation follows the build).
-  m.def("prefill_key_tile(int head_dim, bool fp8, int max_query_len=0) -> int", &fireattn::prefill_key_tile);
+  m.def("prefill_key_tile(int head_dim, bool fp8) -> int", &fireattn::prefill_key_tile);
+  m.def("prefill_wide_tiles(int head_dim, bool fp8, int max_query_len, int promote_every=1) -> bool", &fireattn::prefill_wide_tiles);
 }
 
 TORCH_LIBRARY_IMPL(fireattn, CUDA, m) {

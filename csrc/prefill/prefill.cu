@@ -31,8 +31,10 @@ int64_t prefill_wide_min_query() {
               "default ", num(kWideMinQueryDefault), ", 0 = always), got '", e, "'");
   return v;
 }
-bool prefill_wide_tiles(int64_t head_dim, bool fp8, int64_t max_query_len) {
-  return fp8 && head_dim == 64 && max_query_len >= prefill_wide_min_query();
+// Also an op (fireattn.prefill_wide_tiles), so tests can tell which loop a launch takes. The wide
+// loop promotes every tile, so another promote_every keeps the 128-key tiles.
+bool prefill_wide_tiles(int64_t head_dim, bool fp8, int64_t max_query_len, int64_t promote_every) {
+  return fp8 && head_dim == 64 && promote_every == 1 && max_query_len >= prefill_wide_min_query();
 }
 
 void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_table,
@@ -57,7 +59,7 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
   const at::cuda::OptionalCUDAGuard guard(query.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::ScalarType qt = query.scalar_type();
-  const bool wide = prefill_wide_tiles(head_dim, fp8, max_query_len);
+  const bool wide = prefill_wide_tiles(head_dim, fp8, max_query_len, promote_every);
 #define FIREATTN_TRY_PREFILL(QT, FP8, D)                                                                     \
   if (qt == scalar_type_of<QT>() && fp8 == FP8 && head_dim == D) {                                           \
     launch_prefill<QT, FP8, D>(p, static_cast<int>(max_query_len), static_cast<int>(promote_every), wide, stream); \
@@ -69,12 +71,11 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
   fail_no_kernel("prefill", head_dim, qt, fp8);
 }
 
-// Keys per tile of the prefill kernel for (head_dim, cache kind, the batch's longest query): the
-// tile in which P is rounded against its own max, so the tests' emulation (the reference's
-// precision="fp8_mma") takes it from the build instead of restating it.
-int64_t prefill_key_tile(int64_t head_dim, bool fp8, int64_t max_query_len) {
-  if (prefill_wide_tiles(head_dim, fp8, max_query_len))
-    return PrefillConfig<64, 1, true>::kBlockN;
+// Keys per tile of the prefill kernel for (head_dim, cache kind): the tile in which P is rounded
+// against its own max, so the tests' emulation (the reference's precision="fp8_mma") takes it
+// from the build instead of restating it. (The 256-key loop of FP8 head_dim 64 rounds P per
+// 128-key half, PrefillConfig<64, 1>'s tile.)
+int64_t prefill_key_tile(int64_t head_dim, bool fp8) {
   switch (head_dim) {
     case 64: return fp8 ? PrefillConfig<64, 1>::kBlockN : PrefillConfig<64, 2>::kBlockN;
     case 128: return fp8 ? PrefillConfig<128, 1>::kBlockN : PrefillConfig<128, 2>::kBlockN;

@@ -360,24 +360,33 @@ constexpr float kPRefSpan = FIREATTN_P_REF_SPAN;
 // run, causal TFLOP/s: FP8 with 2 chains head_dim 64 1 x 16k / 4 x 4k 451 / 343 vs 426 / 334,
 // 128 688 / 525 vs 679 / 523, 256 749 / 625 vs 738 / 605; 4 chains gained nothing; 16-bit
 // caches lost ~2.5% at head_dim 64 with 2 or 4 chains and keep one (rows still interleaved).
-template <int kSRegs, bool kMask, bool kSoftcap, int kChainsWanted>
+// kParts = 2 (256-key tiles): each 128-key half of the tile is its own P reference, exactly as two
+// consecutive 128-key tiles would be (half 2's span check sees half 1's max): P of half 1 is
+// relative to r1, of half 2 to r2 = the new m_ref, and beta = 2^(r1 - r2) rescales half 1's PV
+// and row sum into m_ref units. So the numerics are the 128-key tiles' (the reference emulates
+// block_n 128); only the loop's per-tile overhead is shared by 256 keys.
+template <int kSRegs, bool kMask, bool kSoftcap, int kChainsWanted, int kParts = 1>
 __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], float (&m_ref)[2], float (&l)[2],
-                                             float (&alpha)[2],
+                                             float (&alpha)[2], float (&beta)[2],
                                              float scale_log2, float score_scale, float softcap,
                                              const TileMask& tm) {
   constexpr float kLog2e = 1.4426950408889634f;
-  constexpr int kChains = kSRegs / 4 >= kChainsWanted ? kChainsWanted : kSRegs / 4;  // i-steps of 2 values per row each
+  constexpr int kSteps = kSRegs / 4;  // i-steps of 8 keys; 2 values per row each
+  static_assert(kParts == 1 || kParts == 2, "one or two P references per tile");
+  constexpr int kPartSteps = kSteps / kParts;
+  constexpr int kChains = kPartSteps >= kChainsWanted ? kChainsWanted : kPartSteps;  // per part
   static_assert(kChains > 0 && (kChains & (kChains - 1)) == 0, "the chains merge as a binary tree");
   // With a soft cap the scores are transformed into log2 units here; otherwise the scale is
   // folded into the exponent's FFMA (it is positive, so the max commutes with it).
   const float exp_scale = kSoftcap ? 1.f : scale_log2;
-  float mx[2][kChains];  // the first kChains i-steps start the chains (no -inf / 0 seed op)
+  float mx[2][kParts][kChains];  // each part's first kChains i-steps start its chains (no -inf seed op)
 #pragma unroll
-  for (int i = 0; i < kSRegs / 4; ++i)
+  for (int i = 0; i < kSteps; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
+        const int q = i / kPartSteps, j = i % kPartSteps;
         float x = s[4 * i + 2 * h + e];
         if constexpr (kSoftcap) x = softcap * kLog2e * tanhf(x * score_scale / softcap);
         if constexpr (kMask) {
@@ -388,52 +397,64 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], 
           x = visible ? x : -CUDART_INF_F;
         }
         s[4 * i + 2 * h + e] = x;
-        if (i < kChains && e == 0) mx[h][i] = x;
-        else mx[h][i % kChains] = fmaxf(mx[h][i % kChains], x);
+        if (j < kChains && e == 0) mx[h][q][j] = x;
+        else mx[h][q][j % kChains] = fmaxf(mx[h][q][j % kChains], x);
       }
-  float offset[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int q = 0; q < kParts; ++q)
+#pragma unroll
+      for (int w = kChains / 2; w >= 1; w /= 2)
+#pragma unroll
+        for (int c = 0; c < w; ++c) mx[h][q][c] = fmaxf(mx[h][q][c], mx[h][q][c + w]);
+#pragma unroll
+  for (int o = 1; o <= 2; o *= 2)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int q = 0; q < kParts; ++q) mx[h][q][0] = fmaxf(mx[h][q][0], __shfl_xor_sync(0xffffffffu, mx[h][q][0], o));
+  float offset[2][kParts];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
+    float m_cur = m[h], r[kParts], r_use = 0.f;
 #pragma unroll
-    for (int w = kChains / 2; w >= 1; w /= 2)
-#pragma unroll
-      for (int c = 0; c < w; ++c) mx[h][c] = fmaxf(mx[h][c], mx[h][c + w]);
-  }
-#pragma unroll
-  for (int h = 0; h < 2; ++h) mx[h][0] = fmaxf(mx[h][0], __shfl_xor_sync(0xffffffffu, mx[h][0], 1));
-#pragma unroll
-  for (int h = 0; h < 2; ++h) mx[h][0] = fmaxf(mx[h][0], __shfl_xor_sync(0xffffffffu, mx[h][0], 2));
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const float t_max = mx[h][0] * exp_scale;
-    const float m_new = fmaxf(m[h], t_max);
-    // = fmaxf(t_max, m_new - kPRefSpan), with one dependent op after t_max instead of three.
-    const float r_new = fmaxf(t_max, m[h] - kPRefSpan);
-    const float r_use = r_new == -CUDART_INF_F ? 0.f : r_new;  // nothing visible yet: keep exps at 0
+    for (int q = 0; q < kParts; ++q) {
+      const float t_max = mx[h][q][0] * exp_scale;
+      // = fmaxf(t_max, max(m_cur, t_max) - kPRefSpan), with one dependent op after t_max instead of three.
+      r[q] = fmaxf(t_max, m_cur - kPRefSpan);
+      m_cur = fmaxf(m_cur, t_max);
+      r_use = r[q] == -CUDART_INF_F ? 0.f : r[q];  // nothing visible yet: keep exps at 0
+      offset[h][q] = 8.f - r_use;                  // P * 256 = 2^(x - r + 8)
+    }
     alpha[h] = fast_exp2(m_ref[h] - r_use);
-    offset[h] = 8.f - r_use;  // P * 256 = 2^(x - m_ref + 8)
-    m[h] = m_new;
-    m_ref[h] = r_new;
+    beta[h] = kParts == 2 ? fast_exp2(r[0] - r_use) : 1.f;  // r[0] = -inf (half 1 empty so far): 0
+    m[h] = m_cur;
+    m_ref[h] = r[kParts - 1];
   }
-  float sum[2][kChains];
+  float sum[2][kParts][kChains];
 #pragma unroll
-  for (int i = 0; i < kSRegs / 4; ++i)
+  for (int i = 0; i < kSteps; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const float pr = fast_exp2(fmaf(s[4 * i + 2 * h + e], exp_scale, offset[h]));
+        const int q = i / kPartSteps, j = i % kPartSteps;
+        const float pr = fast_exp2(fmaf(s[4 * i + 2 * h + e], exp_scale, offset[h][q]));
         s[4 * i + 2 * h + e] = pr;
-        if (i < kChains && e == 0) sum[h][i] = pr;
-        else sum[h][i % kChains] += pr;
+        if (j < kChains && e == 0) sum[h][q][j] = pr;
+        else sum[h][q][j % kChains] += pr;
       }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
 #pragma unroll
-    for (int w = kChains / 2; w >= 1; w /= 2)
+    for (int q = 0; q < kParts; ++q)
 #pragma unroll
-      for (int c = 0; c < w; ++c) sum[h][c] += sum[h][c + w];
-    l[h] = l[h] * alpha[h] + sum[h][0];
+      for (int w = kChains / 2; w >= 1; w /= 2)
+#pragma unroll
+        for (int c = 0; c < w; ++c) sum[h][q][c] += sum[h][q][c + w];
+    if constexpr (kParts == 2) l[h] = l[h] * alpha[h] + fmaf(beta[h], sum[h][0][0], sum[h][1][0]);
+    else l[h] = l[h] * alpha[h] + sum[h][0][0];
   }
 }
 
@@ -822,17 +843,22 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   bool part_empty = true;
 
   // Online softmax of the key tile at k0; masks only on tiles that cross an edge.
-  auto online_softmax = [&](float(&s)[kSRegs], int k0, float(&alpha)[2]) {
+  // beta: half 1's rescale into m_ref units (256-key tiles, kParts 2; see softmax_tile).
+  auto online_softmax = [&](float(&s)[kSRegs], int k0, float(&alpha)[2], float(&beta)[2]) {
     const bool need_mask = k0 + kBlockN > kv_end || (p.causal && k0 + kBlockN - 1 > first_pos) ||
                            (p.window_left >= 0 && k0 < last_pos - p.window_left);
     const TileMask tm{k0 + 2 * tq, kv_end, {pos[0], pos[1]}, p.causal, p.window_left};
     constexpr int kSoftmaxChains = kFp8 ? 2 : 1;  // see softmax_tile
+    constexpr int kParts = kWide ? 2 : 1;
     if (p.softcap > 0.f)
-      softmax_tile<kSRegs, true, true, kSoftmaxChains>(s, m, m_ref, l, alpha, scale_log2, score_scale, p.softcap, tm);
+      softmax_tile<kSRegs, true, true, kSoftmaxChains, kParts>(s, m, m_ref, l, alpha, beta, scale_log2, score_scale,
+                                                               p.softcap, tm);
     else if (need_mask)
-      softmax_tile<kSRegs, true, false, kSoftmaxChains>(s, m, m_ref, l, alpha, scale_log2, score_scale, p.softcap, tm);
+      softmax_tile<kSRegs, true, false, kSoftmaxChains, kParts>(s, m, m_ref, l, alpha, beta, scale_log2, score_scale,
+                                                                p.softcap, tm);
     else
-      softmax_tile<kSRegs, false, false, kSoftmaxChains>(s, m, m_ref, l, alpha, scale_log2, score_scale, p.softcap, tm);
+      softmax_tile<kSRegs, false, false, kSoftmaxChains, kParts>(s, m, m_ref, l, alpha, beta, scale_log2,
+                                                                 score_scale, p.softcap, tm);
   };
 
   // wgmma descriptors, built once: per tile only the stage and k-step offsets are added (the
@@ -875,8 +901,8 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
       fence_regs(s);
     }
 
-    float alpha[2];
-    online_softmax(s, k0, alpha);
+    float alpha[2], beta[2];
+    online_softmax(s, k0, alpha, beta);
 
     // P -> e4m3 A fragments (see the header comment for the key order).
     uint32_t pa[kPSteps][4];
@@ -921,12 +947,14 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
     if constexpr (Cfg::kDirect16) {
       pv_into_main();
       mbar_arrive(empty(st));
-    } else if constexpr (kPvSlices == 1 && kEveryTile && kWide) {
+    } else if constexpr (kPvSlices == 1 && kWide) {
       // 256-key tiles: each 128-key half accumulates on the tensor cores in its own register set
-      // and the halves add in FP32, so no tensor-core sum spans more keys than with 128-key tiles.
-      // One accumulator over all 256 keys measured ~5% more error (H200, 64 queries at the end of
-      // 4k-128k keys, relative L2 vs FP64: 0.0217 / 0.0232 / 0.0216 / 0.0228 against 0.0207 /
-      // 0.0220 / 0.0205 / 0.0216 with 128-key tiles; FA3 FP8 0.0212 / 0.0233 / 0.0227 / 0.0246).
+      // against its own P reference (softmax_tile's kParts), half 1 rescaled by beta, as two
+      // 128-key tiles would. One P reference and one accumulator for all 256 keys measured ~5%
+      // more error, 2% above FA3 FP8's at 4k (H200, 64 queries at the end of 4k-128k keys,
+      // relative L2 vs FP64: 0.0217 / 0.0232 / 0.0216 / 0.0228 against 0.0207 / 0.0220 / 0.0205 /
+      // 0.0216 with 128-key tiles; FA3 FP8 0.0212 / 0.0233 / 0.0227 / 0.0246).
+      static_assert(kEveryTile, "256-key tiles promote every tile (prefill.cu takes them only then)");
       float o_half[kPvRegs];
       wgmma_fence();
       fence_regs(o_part);
@@ -941,7 +969,8 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
       fence_regs(o_half);
       mbar_arrive(empty(st));
 #pragma unroll
-      for (int i = 0; i < kPvRegs; ++i) o_main[0][i] = o_main[0][i] * alpha[(i / 2) % 2] + (o_part[i] + o_half[i]);
+      for (int i = 0; i < kPvRegs; ++i)
+        o_main[0][i] = fmaf(o_main[0][i], alpha[(i / 2) % 2], fmaf(o_part[i], beta[(i / 2) % 2], o_half[i]));
     } else if constexpr (kPvSlices == 1 && kEveryTile) {
       wgmma_fence();
       fence_regs(o_part);
@@ -1044,7 +1073,7 @@ void launch_prefill_tiles(const AttentionParams& p, int max_query_len, int promo
   const int tiles = (max_query_len * group + Cfg::kBlockM - 1) / Cfg::kBlockM;
   if (tiles == 0 || p.num_seqs == 0) return;
   auto kernel = prefill_kernel<QT, kFp8, D, true, kWide>;
-  if constexpr (kFp8 && D != 256) {
+  if constexpr (kFp8 && D != 256 && !kWide) {  // the wide loop runs only with promote_every 1
     if (promote_every != 1) kernel = prefill_kernel<QT, kFp8, D, false, kWide>;
   }
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
