@@ -144,9 +144,10 @@ class _ReferenceOps:
         self.calls.append("cache_write")
         ref.cache_write(*a)
 
-    def prefill(self, out, *a, promote_every=1):
+    def prefill(self, out, *a, promote_every=1, max_seq_len=0):
         self.calls.append("prefill")
         self.promote_every = promote_every  # the setting reaches the op (it changes no math here)
+        self.max_seq_len = max_seq_len  # the step's longest sequence (picks a loop, no math)
         tmp = torch.zeros(out.shape, dtype=torch.float64)
         tmp.copy_(out)
         ref.prefill(tmp, *a)
@@ -200,6 +201,7 @@ def test_backend_pipeline_with_reference_ops(monkeypatch, kv):
     impl.forward(layer, query, new_k, new_v, kv_cache, meta, out)
     assert fake.calls == ["cache_write", "decode", "prefill"]
     assert fake.decode_num_splits == meta.decode_num_splits == ops.decode_num_splits(2, hq, hkv, 1, 64, True)
+    assert fake.max_seq_len == meta.max_seq_len == max(seq_lens)
     assert not torch.isnan(out[:T]).any()
 
     want = torch.zeros(T, hq, d, dtype=torch.float64)

@@ -248,21 +248,26 @@ def test_prefill_fp8_ignores_nan_keys_outside_the_range_in_loaded_pages(head_dim
     assert_attention_close(out, r32, rlp, 64, lowp_exact=False)
 
 
-def test_prefill_wide_tiles_switch_on_the_longest_query(monkeypatch):
-    """FP8 head_dim 64 takes the 256-key loop from 8192-token queries on, when promoting every
-    tile (FIREATTN_PREFILL_WIDE_MIN_QUERY moves the switch; 0 = always); nothing else does, and
-    P stays rounded per 128 keys; a bad value is refused by name."""
+def test_prefill_wide_tiles_switch(monkeypatch):
+    """FP8 head_dim 64 takes the 256-key loop for long cached contexts (>= 16384 keys and at
+    least twice the longest query) when promoting every tile; FIREATTN_PREFILL_WIDE=1 / 0 forces
+    it on / off; nothing else takes it, P stays rounded per 128 keys, and a bad value is refused
+    by name."""
     _head_dim_compiled(64)
-    wide = torch.ops.fireattn.prefill_wide_tiles
-    monkeypatch.delenv("FIREATTN_PREFILL_WIDE_MIN_QUERY", raising=False)
-    assert [wide(64, True, 8191), wide(64, True, 8192), wide(64, False, 100000), wide(64, True, 100000, 2),
-            wide(128, True, 100000)] == [False, True, False, False, False]
+    wide = torch.ops.fireattn.prefill_wide_tiles  # (head_dim, fp8, max_query_len, max_seq_len, promote_every)
+    monkeypatch.delenv("FIREATTN_PREFILL_WIDE", raising=False)
+    assert [wide(64, True, 8192, 16384), wide(64, True, 512, 131072), wide(64, True, 8192, 8192),
+            wide(64, True, 16384, 16384), wide(64, True, 1024, 8192), wide(64, True, 16384, 0),
+            wide(64, False, 512, 131072), wide(64, True, 512, 131072, 2), wide(128, True, 512, 131072)] == [
+                True, True, False, False, False, False, False, False, False]
     assert torch.ops.fireattn.prefill_key_tile(64, True) == 128
-    monkeypatch.setenv("FIREATTN_PREFILL_WIDE_MIN_QUERY", "0")
-    assert wide(64, True, 1)
-    monkeypatch.setenv("FIREATTN_PREFILL_WIDE_MIN_QUERY", "8k")
-    with pytest.raises(RuntimeError, match="FIREATTN_PREFILL_WIDE_MIN_QUERY must be a non-negative integer"):
-        wide(64, True, 1)
+    monkeypatch.setenv("FIREATTN_PREFILL_WIDE", "1")
+    assert wide(64, True, 1, 1) and not wide(64, True, 1, 1, 0)
+    monkeypatch.setenv("FIREATTN_PREFILL_WIDE", "0")
+    assert not wide(64, True, 512, 131072)
+    monkeypatch.setenv("FIREATTN_PREFILL_WIDE", "yes")
+    with pytest.raises(RuntimeError, match="FIREATTN_PREFILL_WIDE must be auto, 0 or 1, got 'yes'"):
+        wide(64, True, 1, 1)
 
 
 @pytest.mark.parametrize("name", list(BATCHES))
@@ -272,10 +277,10 @@ def test_prefill_fp8_wide_tiles(monkeypatch, name, block_size):
     rounds P per 128-key half): the shapes, GQA, a window with soft cap and sinks, both producers
     (block 48 takes the cp.async fallback) and non-causal rows."""
     _head_dim_compiled(64)
-    monkeypatch.setenv("FIREATTN_PREFILL_WIDE_MIN_QUERY", "0")
+    monkeypatch.setenv("FIREATTN_PREFILL_WIDE", "1")
     q_lens, seq_lens = BATCHES[name]
     batch = make_paged_batch(q_lens, seq_lens, 16, 2, 64, block_size=block_size, fp8=True, seed=block_size)
-    assert torch.ops.fireattn.prefill_wide_tiles(64, True, batch.max_query_len)
+    assert torch.ops.fireattn.prefill_wide_tiles(64, True, batch.max_query_len, 0)
     _check(batch, sum(q_lens), softmax_scale=0.125)
     sinks = torch.randn(16, device="cuda")
     _check(batch, sum(q_lens), softmax_scale=0.125, window_left=37, softcap=30.0, sinks=sinks)
@@ -289,9 +294,9 @@ def test_prefill_fp8_d64_error_flat_and_no_worse_than_fa3(monkeypatch):
     (2% slack; without FA3, inside ANCHORS.md's 0.022-0.025), and the two loops equal up to FP32
     rounding order (the wide loop rounds P per 128-key half)."""
     _head_dim_compiled(64)
-    monkeypatch.setenv("FIREATTN_PREFILL_WIDE_MIN_QUERY", "1000000000")
+    monkeypatch.setenv("FIREATTN_PREFILL_WIDE", "0")
     narrow = _measure_long_context_errors(64)[0]
-    monkeypatch.setenv("FIREATTN_PREFILL_WIDE_MIN_QUERY", "0")
+    monkeypatch.setenv("FIREATTN_PREFILL_WIDE", "1")
     errs, never_errs, fa3_errs = _measure_long_context_errors(64)
     assert errs == pytest.approx(narrow, rel=0.01), f"256-key loop {errs} vs 128-key tiles {narrow}"
     assert max(errs) <= 1.25 * min(errs), f"error grows with context: {errs}"

@@ -4,6 +4,7 @@
 // caches, 16-bit MMAs for BF16/FP16 caches.
 #include <c10/cuda/CUDAGuard.h>
 #include <cstdlib>
+#include <cstring>
 #include <c10/cuda/CUDAStream.h>
 
 #include "common/attention_host.h"
@@ -18,30 +19,37 @@ namespace fireattn {
 FIREATTN_ATTENTION_CONFIGS(FIREATTN_DECLARE_PREFILL)
 #undef FIREATTN_DECLARE_PREFILL
 
-// FP8 head_dim 64 takes 256-key tiles (PrefillConfig::kWide) when the batch's longest query has at
-// least FIREATTN_PREFILL_WIDE_MIN_QUERY tokens (default 8192; 0 = always, for tests and A/B runs):
-// long queries gain ~10%, short causal ones lose up to 13% to the diagonal's wasted keys.
-constexpr int64_t kWideMinQueryDefault = 8192;
-int64_t prefill_wide_min_query() {
-  const char* e = std::getenv("FIREATTN_PREFILL_WIDE_MIN_QUERY");
-  if (e == nullptr || *e == '\0') return kWideMinQueryDefault;
-  char* end = nullptr;
-  const long long v = std::strtoll(e, &end, 10);
-  TORCH_CHECK(*end == '\0' && v >= 0, "FIREATTN_PREFILL_WIDE_MIN_QUERY must be a non-negative integer (query tokens; ",
-              "default ", num(kWideMinQueryDefault), ", 0 = always), got '", e, "'");
-  return v;
+// FP8 head_dim 64 has two loops with the same numerics: 128-key tiles, or 256-key tiles that
+// round P per 128-key half (PrefillConfig::kWide; fewer instructions per key, up to a tile of
+// wasted keys at the causal diagonal of each row tile). H200, same call, TFLOP/s 256 / 128
+// (causal, batch 1, context x query): 16k x 4k 477 / 466, 24k x 8k 499 / 479, 32k x 2k / 8k /
+// 16k 500 / 474, 508 / 482, 507 / 483, 64k x 4k 516 / 484, 128k x 512 517 / 473, 64k / 128k x
+// 16k 525 / 492, 531 / 495; but 8k x 1k 411 / 416, 8k x 8k 389 / 408, 16k x 16k 452 / 450.
+// FIREATTN_PREFILL_WIDE: "auto" (default) takes them when the longest sequence has >= 16384
+// keys and at least twice the longest query's tokens; "1" always (where they apply: FP8, head_dim
+// 64, promote_every 1), "0" never.
+int prefill_wide_mode() {  // -1 auto, 0 never, 1 always
+  const char* e = std::getenv("FIREATTN_PREFILL_WIDE");
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return -1;
+  if (std::strcmp(e, "0") == 0) return 0;
+  if (std::strcmp(e, "1") == 0) return 1;
+  TORCH_CHECK(false, "FIREATTN_PREFILL_WIDE must be auto, 0 or 1, got '", e, "'");
+  return -1;
 }
-// Also an op (fireattn.prefill_wide_tiles), so tests can tell which loop a launch takes. The wide
-// loop promotes every tile, so another promote_every keeps the 128-key tiles.
-bool prefill_wide_tiles(int64_t head_dim, bool fp8, int64_t max_query_len, int64_t promote_every) {
-  return fp8 && head_dim == 64 && promote_every == 1 && max_query_len >= prefill_wide_min_query();
+// Also an op (fireattn.prefill_wide_tiles), so tests can tell which loop a launch takes.
+// max_seq_len 0 (unknown) counts as max_query_len.
+bool prefill_wide_tiles(int64_t head_dim, bool fp8, int64_t max_query_len, int64_t max_seq_len, int64_t promote_every) {
+  const int mode = prefill_wide_mode();
+  if (!fp8 || head_dim != 64 || promote_every != 1 || mode == 0) return false;
+  const int64_t keys = max_seq_len > max_query_len ? max_seq_len : max_query_len;
+  return mode == 1 || (keys >= 16384 && keys >= 2 * max_query_len);
 }
 
 void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_table,
              const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens, const at::Tensor& q_scale,
              const at::Tensor& k_scale, const at::Tensor& v_scale, double softmax_scale, int64_t max_query_len,
              bool causal, int64_t window_left, double softcap, const std::optional<at::Tensor>& sinks,
-             const std::optional<at::Tensor>& lse, int64_t promote_every) {
+             const std::optional<at::Tensor>& lse, int64_t promote_every, int64_t max_seq_len) {
   const bool fp8 = is_fp8_cache(kv_cache);
   const AttentionParams p = make_attention_params("prefill", out, query, kv_cache, block_table, cu_seqlens_q,
                                                   seq_lens, q_scale, k_scale, v_scale, softmax_scale, max_query_len,
@@ -59,7 +67,8 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
   const at::cuda::OptionalCUDAGuard guard(query.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::ScalarType qt = query.scalar_type();
-  const bool wide = prefill_wide_tiles(head_dim, fp8, max_query_len, promote_every);
+  TORCH_CHECK(max_seq_len >= 0, "fireattn.prefill: max_seq_len must be >= 0 (0: unknown), got ", num(max_seq_len));
+  const bool wide = prefill_wide_tiles(head_dim, fp8, max_query_len, max_seq_len, promote_every);
 #define FIREATTN_TRY_PREFILL(QT, FP8, D)                                                                     \
   if (qt == scalar_type_of<QT>() && fp8 == FP8 && head_dim == D) {                                           \
     launch_prefill<QT, FP8, D>(p, static_cast<int>(max_query_len), static_cast<int>(promote_every), wide, stream); \

@@ -124,12 +124,11 @@ struct PrefillConfig {
   // head_dim 256 takes 64-key tiles (32 for 16-bit caches, to fit the ring in shared memory) and
   // 64-wide PV slices so that the 128-register output accumulator, its promotion slice, S and P
   // fit in a consumer's registers. Without the TMA layout 16-bit caches halve the tile at D >= 128.
-  // kWide (FP8 head_dim 64, long queries): 256-key tiles halve the per-tile softmax overhead (row
-  // max / sum shuffles, rescale, promotion, wgmma waits; 372 instead of 432 consumer instructions
-  // per 128 keys) and still fit (S 128 registers, no spill; ring 4 x 48 KB). H200, same call,
-  // TFLOP/s 256 / 128 keys: 1 x 16k causal 480 / 449, non-causal 531 / 482, the last 16k chunk
-  // of a 64k / 128k prompt 542 / 492, 547 / 495; but 4 x 4k 326 / 341 and 8 x 2k 229 / 263
-  // (the causal diagonal wastes up to a tile per row tile), hence the query-length switch.
+  // kWide (FP8 head_dim 64, long cached contexts; prefill.cu picks): 256-key tiles share the
+  // per-tile overhead (row max / sum shuffles, wgmma waits, ring barriers) between two 128-key
+  // halves, each its own P reference and PV accumulator, so the numerics stay the 128-key
+  // tiles' (400 instead of 432 consumer instructions per 128 keys; S 128 registers, no spill;
+  // ring 4 x 48 KB). Timings in prefill.cu.
   static constexpr int kBlockN = kWide ? 256
                                  : kDirect16 ? (D == 256 ? 32 : 128)
                                              : (D == 256 ? 64 : 128) / (kElem == 2 && D >= 128 ? 2 : 1);

@@ -162,6 +162,7 @@ def explain_reasons(reasons, head_size, dtype, kv_cache_dtype, block_size, devic
 class FireAttnMetadata:
     num_actual_tokens: int
     max_query_len: int
+    max_seq_len: int
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
     block_table: torch.Tensor
@@ -214,6 +215,7 @@ class FireAttnMetadataBuilder(AttentionMetadataBuilder[FireAttnMetadata]):
         return FireAttnMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             max_query_len=cm.max_query_len,
+            max_seq_len=cm.max_seq_len,
             query_start_loc=cm.query_start_loc,
             seq_lens=cm.seq_lens,
             block_table=cm.block_table_tensor,
@@ -361,7 +363,7 @@ class FireAttnImpl(AttentionImpl[FireAttnMetadata]):
             ops.prefill(
                 output, query, kv_cache, m.prefill_block_table, m.prefill_query_start_loc, m.prefill_seq_lens,
                 *scales, self.scale, m.max_query_len, True, self.window_left, self.logits_soft_cap,
-                sinks, None, promote_every=self.settings.promote_every,
+                sinks, None, promote_every=self.settings.promote_every, max_seq_len=m.max_seq_len,
             )
         return output
 

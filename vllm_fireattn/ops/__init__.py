@@ -61,15 +61,18 @@ def prefill(
     sinks: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     promote_every: int = 1,
+    max_seq_len: int = 0,
 ) -> None:
     """Varlen paged attention; query/out [T, Hq, D] indexed by absolute cu_seqlens_q offsets.
 
     promote_every (FP8 caches): KV tiles between promotions of the FP8 tensor-core PV
-    accumulator into the FP32 one (0: only at the end; head_dim 256 takes 0 or 1)."""
+    accumulator into the FP32 one (0: only at the end; head_dim 256 takes 0 or 1).
+    max_seq_len: the longest sequence's keys, when known (0: unknown); it only picks between
+    loops with the same numerics (FP8 head_dim 64: 256-key tiles for long cached contexts)."""
     require()
     torch.ops.fireattn.prefill(
         out, query, kv_cache, block_table, cu_seqlens_q, seq_lens, q_scale, k_scale, v_scale,
-        softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse, promote_every,
+        softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse, promote_every, max_seq_len,
     )
 
 

@@ -9,7 +9,8 @@ def _cache_write_fake(key, value, kv_cache, slot_mapping, k_scale, v_scale) -> N
 
 @torch.library.register_fake("fireattn::prefill")
 def _prefill_fake(out, query, kv_cache, block_table, cu_seqlens_q, seq_lens, q_scale, k_scale, v_scale,
-                  softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse, promote_every=1) -> None:
+                  softmax_scale, max_query_len, causal, window_left, softcap, sinks, lse, promote_every=1,
+                  max_seq_len=0) -> None:
     return None
 
 
