@@ -15,6 +15,8 @@
 // as stored, no scales; S on 16-bit tensor cores (k16, FP32 accumulator); P * 256 rounded to the
 // model dtype; PV on 16-bit tensor cores straight into the FP32 output accumulator. Key tiles:
 // 128 keys (FP8 head_dim 256: 64; 16-bit head_dim 256: 32, to fit the ring in shared memory).
+// FP8 head_dim 64 also has a 256-key loop (kWide) that keeps each 128-key half its own P
+// reference and accumulator: the same numerics, less per-tile overhead (see PrefillConfig).
 //
 // Work split: one CTA (3 warpgroups, 128 rows) per (row tile, sequence, kv head). A row is a
 // (query token, query head of this kv head's group) pair, so a GQA group shares every K/V
