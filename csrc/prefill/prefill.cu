@@ -3,9 +3,10 @@
 // Hopper tensor-core kernel of prefill_kernel.cuh, for every cache dtype: FP8 MMAs for FP8
 // caches, 16-bit MMAs for BF16/FP16 caches.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
 #include <cstdlib>
 #include <cstring>
-#include <c10/cuda/CUDAStream.h>
 
 #include "common/attention_host.h"
 #include "common/torch_checks.h"
@@ -69,11 +70,11 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
   const at::ScalarType qt = query.scalar_type();
   TORCH_CHECK(max_seq_len >= 0, "fireattn.prefill: max_seq_len must be >= 0 (0: unknown), got ", num(max_seq_len));
   const bool wide = prefill_wide_tiles(head_dim, fp8, max_query_len, max_seq_len, promote_every);
-#define FIREATTN_TRY_PREFILL(QT, FP8, D)                                                                     \
-  if (qt == scalar_type_of<QT>() && fp8 == FP8 && head_dim == D) {                                           \
+#define FIREATTN_TRY_PREFILL(QT, FP8, D)                                                                           \
+  if (qt == scalar_type_of<QT>() && fp8 == FP8 && head_dim == D) {                                                 \
     launch_prefill<QT, FP8, D>(p, static_cast<int>(max_query_len), static_cast<int>(promote_every), wide, stream); \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                          \
-    return;                                                                                                  \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                                \
+    return;                                                                                                        \
   }
   FIREATTN_ATTENTION_CONFIGS(FIREATTN_TRY_PREFILL)
 #undef FIREATTN_TRY_PREFILL
