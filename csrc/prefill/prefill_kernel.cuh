@@ -564,7 +564,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
       if constexpr (kTmaLayout) {
         if (tma) {
           // Boxes of min(block_size, kBlockN) keys (aligned, so one never crosses a page or the
-          // tile) overlapping [kv_begin, kv_end), one lane each (block_size >= 16: n <= 8 lanes).
+          // tile) overlapping [kv_begin, kv_end), one lane each (block_size >= 16: n <= kBlockN / 16 <= 16 lanes).
           if (warp == 0) {
             constexpr int kTileShift = kBlockN == 256 ? 8 : kBlockN == 128 ? 7 : kBlockN == 64 ? 6 : 5;
             static_assert((1 << kTileShift) == kBlockN, "kBlockN is 32, 64, 128 or 256");
