@@ -6,7 +6,8 @@ for FIREATTN (FP8 and BF16 caches) and vLLM's FA3 (BF16 and FP8) on the same sha
 --splits adds fixed split counts next to the scheduler's choice. --cache-write puts each layer's
 KV write of the step's new token in the graph too (ours: fireattn.cache_write; FA3: vLLM's
 reshape_and_cache_flash), as a decode step runs them: at short contexts that write is a large
-part of the per-layer time.
+part of the per-layer time. --random-blocks scatters each sequence's blocks (a random
+permutation, as bench decode lays them out) instead of allocating them in order.
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def main() -> None:
     ap.add_argument("--splits", type=int, nargs="*", default=[], help="extra fixed split counts to try")
     ap.add_argument("--fa3", action="store_true", help="also time FA3 BF16/FP8")
     ap.add_argument("--cache-write", action="store_true", help="each layer also writes the new token's K/V")
+    ap.add_argument("--random-blocks", action="store_true",
+                    help="block tables as a random permutation (as bench decode has them) instead of in order")
     ap.add_argument("--json", help="append records here")
     a = ap.parse_args()
     if a.fa3:  # vLLM only for the baselines: the FIREATTN rows run without it
@@ -70,7 +73,8 @@ def main() -> None:
         g = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
         out = torch.empty_like(q)
-        bt = torch.arange(b * nbs, device="cuda", dtype=torch.int32).view(b, nbs)
+        order = torch.randperm if a.random_blocks else torch.arange
+        bt = order(b * nbs, device="cuda", dtype=torch.int32).view(b, nbs)
         seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
         cu_q = torch.arange(b + 1, dtype=torch.int32, device="cuda")
         one = torch.ones((), device="cuda")
@@ -94,7 +98,7 @@ def main() -> None:
                 us = graph_time_us(calls)
                 ours[(kv, ns)] = us
                 recs.append(dict(impl="fireattn", kv=kv, splits=ns or "auto", ctx=ctx, batch=b,
-                                 head_dim=d, us=us, cache_write=a.cache_write))
+                                 head_dim=d, us=us, cache_write=a.cache_write, random_blocks=a.random_blocks))
             del caches
         if a.fa3:
             for kv in ("bf16", "fp8"):

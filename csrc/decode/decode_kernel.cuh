@@ -56,6 +56,9 @@ struct DecodeParams {
 #ifndef FIREATTN_DECODE_MIN_BLOCKS_D256_FP8
 #define FIREATTN_DECODE_MIN_BLOCKS_D256_FP8 3
 #endif
+#ifndef FIREATTN_DECODE_BT_AHEAD  // 0: block-table entries always read in line (see kBtAhead)
+#define FIREATTN_DECODE_BT_AHEAD 1
+#endif
 #ifndef FIREATTN_DECODE_L2_PREFETCH  // bytes: 256, 128, or 0 (no hint)
 #define FIREATTN_DECODE_L2_PREFETCH 256
 #endif
@@ -137,6 +140,12 @@ struct DecodeConfig {
   // faster at batch >= 8 and 1 x 128k, head_dim 128 1.5-3% faster, head_dim 256 unchanged.
   // Widening every other V tile by cvt (pipe balancing) was no faster at 128 and slower at 256.
   static constexpr bool kVCvt = D == 64;
+  // Block-table entries one warp iteration ahead: where a stage spans two sub-tiles (FP8 at
+  // head_dim 64), 6-9% faster at batch >= 8 and 1 x 128k; at one sub-tile per stage (every other
+  // config) level to 4% slower (H200, tools/decode_latency.py, one call, us, ahead / in line: D64
+  // 1 x 128k 43.4 / 46.2, 8 x 32k 77.8 / 83.4, 64 x 4k 72.0 / 78.9; D128 8 x 32k 144.1 / 142.4;
+  // D256 64 x 4k 174.1 / 167.0).
+  static constexpr bool kBtAhead = FIREATTN_DECODE_BT_AHEAD && kSubs > 1;
   static constexpr bool kImmRows = D < 256;
   static_assert(D % 64 == 0, "head_dim must be a multiple of 64");
   static_assert(kVBytes % 8 == 0, "V loads are 8 or 16 bytes wide");
@@ -395,11 +404,24 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
   // Rows are kRowBytes apart (check_kv_cache requires compact inner dims); kImmRows makes that a
   // compile-time constant, so each load's offset past the per-lane base is an immediate.
   const int64_t row_stride = Cfg::kImmRows ? int64_t{Cfg::kRowBytes} : kv.token_stride;
-  auto sub_base = [&](int key0) -> const uint8_t* {  // key0: first key of a 16-key sub-tile
-    const int blk = dp.block_shift >= 0 ? key0 >> dp.block_shift : key0 / kv.block_size;
+  // kBtAhead: block-table entries are read one warp iteration before the K loads that need them
+  // (read in line, each stage's K loads wait a global-memory round trip for their addresses).
+  auto block_entry = [&](int key0) -> int {
+    return kv.block_table[bt_row + (dp.block_shift >= 0 ? key0 >> dp.block_shift : key0 / kv.block_size)];
+  };
+  int blk_next[kSubs];  // kBtAhead: entries of the stage whose K loads issue next
+  auto load_entries = [&](int stage) {
+    if constexpr (Cfg::kBtAhead) {
+#pragma unroll
+      for (int u = 0; u < kSubs; ++u) {
+        const int key0 = k_begin + stage * kStageKeys + u * 16;
+        if (key0 < k_end) blk_next[u] = block_entry(key0);
+      }
+    }
+  };
+  auto sub_base = [&](int key0, int block) -> const uint8_t* {  // key0: first key of a 16-key sub-tile
     const int off = dp.block_shift >= 0 ? key0 & (kv.block_size - 1) : key0 % kv.block_size;
-    const int64_t block = kv.block_table[bt_row + blk];
-    return kv_head_base + block * kv.block_stride + off * row_stride;
+    return kv_head_base + static_cast<int64_t>(block) * kv.block_stride + off * row_stride;
   };
 
   uint32_t kraw[kSubs][2][Cfg::kKWords];
@@ -415,7 +437,7 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
     for (int u = 0; u < kSubs; ++u) {
       const int key0 = k_begin + stage * kStageKeys + u * 16;
       if (key0 < k_end) {
-        const uint8_t* base = sub_base(key0);
+        const uint8_t* base = sub_base(key0, Cfg::kBtAhead ? blk_next[u] : block_entry(key0));
         sub_ptr[u] = base;
         const uint8_t* lane_base = base + g * row_stride + t * 16;  // K row g, chunk t
 #pragma unroll
@@ -464,8 +486,10 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
 
   int stage = warp;
   if (stage < num_stages) {
+    load_entries(stage);
     load_k(stage);
     load_v(stage);
+    load_entries(stage + Cfg::kWarps);
   }
   for (; stage < num_stages; stage += Cfg::kWarps) {
     const int stage_key0 = k_begin + stage * kStageKeys;
@@ -489,7 +513,10 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
         mma_16816<MT>(s[u], a0, a1, a2, a3, b.x, b.y);
       }
     }
-    if (stage + Cfg::kWarps < num_stages) load_k(stage + Cfg::kWarps);
+    if (stage + Cfg::kWarps < num_stages) {
+      load_k(stage + Cfg::kWarps);
+      load_entries(stage + 2 * Cfg::kWarps);
+    }
 
     // Scale (log2 domain), soft cap, mask (boundary stages only); the stage max per row.
     const bool boundary = stage_key0 < mask_lo || stage_key0 + kStageKeys > mask_hi;

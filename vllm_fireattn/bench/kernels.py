@@ -3,7 +3,8 @@
 Each shape builds one random paged KV cache per layout (ours: [blocks, 2, Hkv, bs, D]; FA3:
 separate K and V [blocks, bs, Hkv, D]), block size 16, and times FIREATTN (FP8 and BF16 caches)
 and FA3 (`vllm.vllm_flash_attn.flash_attn_varlen_func`, BF16 and FP8) with triton's do_bench
-(L2 flushed between reps, median).
+(L2 flushed between reps, median). Decode calls are timed as CUDA-graph replays (each impl's call
+captured alone), as vLLM runs them; prefill calls eagerly.
 """
 from __future__ import annotations
 
@@ -29,6 +30,22 @@ def _bench(fn) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _graphed(fn):
+    """fn captured in a CUDA graph; returns its replay. Decode runs under CUDA graphs in vLLM, and
+    a decode call is short enough (tens of us) that the Python launch path of either op, timed
+    eagerly, adds several us of GPU idle time to it."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # warm up (allocations, lazy initialization) outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
 
 
 def _setup(batch, seqlen, q_len, hq, hkv, d, dtype=torch.bfloat16):
@@ -105,7 +122,7 @@ def run(bench: str, quick: bool = False) -> list[dict]:
                 else:  # prefill rows name their promotion interval; decode has none
                     promote = (0 if impl == "fireattn-never" else 1) if bench == "prefill" else None
                     fn = _ours(s, op, q_len, causal, kv == "fp8", d, promote)
-                ms = _bench(fn)
+                ms = _bench(_graphed(fn) if bench == "decode" else fn)
                 rec = dict(base, impl=impl, kv_dtype=kv, ms=ms)
                 if bench == "prefill":
                     rec["tflops"] = prefill_flops(batch, q_len, seqlen, hq, d, causal) / ms / 1e9
