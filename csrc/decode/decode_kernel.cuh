@@ -59,8 +59,17 @@ struct DecodeParams {
 #ifndef FIREATTN_DECODE_BT_AHEAD  // 0: block-table entries always read in line (see kBtAhead)
 #define FIREATTN_DECODE_BT_AHEAD 1
 #endif
-#ifndef FIREATTN_DECODE_L2_PREFETCH  // bytes: 256, 128, or 0 (no hint)
-#define FIREATTN_DECODE_L2_PREFETCH 256
+// L2 prefetch hint of the cache loads, bytes: 256, 128, or 0 (none). H200, one call, us,
+// tools/decode_latency.py --random-blocks, 8-layer graphs. FP8, 128 / 256 / none: head_dim 128
+// 8 x 32k 139.8 / 142.1 / 140.3, 1 x 128k 74.2 / 76.0 / 74.7; head_dim 256 8 x 32k 143.2 /
+// 147.3 / 144.0; head_dim 64 8 x 32k 78.1 / 79.2 / 78.9. 16-bit caches, none / 256: head_dim
+// 64 8 x 32k 135.6 / 146.2, 64 x 4k 130.1 / 142.1; head_dim 128 8 x 32k 265.7 / 277.8, 1 x
+// 128k 136.6 / 142.7; head_dim 256 level (within 1%).
+#ifndef FIREATTN_DECODE_L2_PREFETCH  // FP8 caches
+#define FIREATTN_DECODE_L2_PREFETCH 128
+#endif
+#ifndef FIREATTN_DECODE_L2_PREFETCH_16BIT  // 16-bit caches
+#define FIREATTN_DECODE_L2_PREFETCH_16BIT 0
 #endif
 
 // Split sizes: up to kDecodeShortSplits splits of >= 64 keys, then splits of >= 256 keys. Short
@@ -146,6 +155,7 @@ struct DecodeConfig {
   // 1 x 128k 43.4 / 46.2, 8 x 32k 77.8 / 83.4, 64 x 4k 72.0 / 78.9; D128 8 x 32k 144.1 / 142.4;
   // D256 64 x 4k 174.1 / 167.0).
   static constexpr bool kBtAhead = FIREATTN_DECODE_BT_AHEAD && kSubs > 1;
+  static constexpr int kL2Prefetch = kFp8 ? FIREATTN_DECODE_L2_PREFETCH : FIREATTN_DECODE_L2_PREFETCH_16BIT;
   static constexpr bool kImmRows = D < 256;
   static_assert(D % 64 == 0, "head_dim must be a multiple of 64");
   static_assert(kVBytes % 8 == 0, "V loads are 8 or 16 bytes wide");
@@ -153,14 +163,37 @@ struct DecodeConfig {
 
 // ---- PTX helpers -------------------------------------------------------------------------
 
-// Streaming loads of the cache (read once): no L1 allocation, L2 prefetch hint per knob.
-#if FIREATTN_DECODE_L2_PREFETCH == 256
-#define FIREATTN_LD_STREAM "ld.global.nc.L1::no_allocate.L2::256B"
-#elif FIREATTN_DECODE_L2_PREFETCH == 128
-#define FIREATTN_LD_STREAM "ld.global.nc.L1::no_allocate.L2::128B"
-#else
-#define FIREATTN_LD_STREAM "ld.global.nc.L1::no_allocate"
-#endif
+// Streaming loads of the cache (read once): no L1 allocation, an L2 prefetch hint of kHint
+// bytes (256, 128, or 0 = none; DecodeConfig::kL2Prefetch).
+#define FIREATTN_LD_STREAM_ASM(hint, vec) "ld.global.nc.L1::no_allocate" hint "." vec
+template <int kHint>
+__device__ __forceinline__ uint4 ld_stream16(const uint8_t* p) {
+  uint4 r;
+  if constexpr (kHint == 256) {
+    asm volatile(FIREATTN_LD_STREAM_ASM(".L2::256B", "v4.u32") " {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  } else if constexpr (kHint == 128) {
+    asm volatile(FIREATTN_LD_STREAM_ASM(".L2::128B", "v4.u32") " {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  } else {
+    asm volatile(FIREATTN_LD_STREAM_ASM("", "v4.u32") " {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  }
+  return r;
+}
+
+template <int kHint>
+__device__ __forceinline__ uint2 ld_stream8(const uint8_t* p) {
+  uint2 r;
+  if constexpr (kHint == 256) {
+    asm volatile(FIREATTN_LD_STREAM_ASM(".L2::256B", "v2.u32") " {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+  } else if constexpr (kHint == 128) {
+    asm volatile(FIREATTN_LD_STREAM_ASM(".L2::128B", "v2.u32") " {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+  } else {
+    asm volatile(FIREATTN_LD_STREAM_ASM("", "v2.u32") " {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+  }
+  return r;
+}
 
 // Programmatic dependent launch (sm_90): the host launches the split kernel and the combine with
 // cudaLaunchAttributeProgrammaticStreamSerialization, so each may be scheduled while the kernel
@@ -177,18 +210,6 @@ struct DecodeConfig {
 // FIREATTN_DECODE_PDL=0 launches both kernels the ordinary way.
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
-
-__device__ __forceinline__ uint4 ld_stream16(const uint8_t* p) {
-  uint4 r;
-  asm volatile(FIREATTN_LD_STREAM ".v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  return r;
-}
-
-__device__ __forceinline__ uint2 ld_stream8(const uint8_t* p) {
-  uint2 r;
-  asm volatile(FIREATTN_LD_STREAM ".v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
-  return r;
-}
 
 __device__ __forceinline__ void unpack4(uint32_t* words, uint4 x) {
   words[0] = x.x;
@@ -444,7 +465,7 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
         for (int h = 0; h < 2; ++h) {
 #pragma unroll
           for (int c = 0; c < Cfg::kKChunks; ++c) {
-            unpack4(&kraw[u][h][4 * c], ld_stream16(lane_base + 8 * h * row_stride + 64 * c));
+            unpack4(&kraw[u][h][4 * c], ld_stream16<Cfg::kL2Prefetch>(lane_base + 8 * h * row_stride + 64 * c));
           }
         }
       } else {
@@ -465,13 +486,13 @@ __global__ void __launch_bounds__(DecodeConfig<QT, kFp8, D>::kThreads, DecodeCon
         for (int kk = 0; kk < 4; ++kk) {  // keys 2t + (kk & 1) + 8 (kk >> 1)
           const uint8_t* src = base + ((kk & 1) + 8 * (kk >> 1)) * row_stride;
           if constexpr (Cfg::kVBytes == 8) {
-            const uint2 x = ld_stream8(src);
+            const uint2 x = ld_stream8<Cfg::kL2Prefetch>(src);
             vraw[u][kk][0] = x.x;
             vraw[u][kk][1] = x.y;
           } else {
 #pragma unroll
             for (int c = 0; c < Cfg::kVBytes / 16; ++c) {
-              unpack4(&vraw[u][kk][4 * c], ld_stream16(src + 16 * c));
+              unpack4(&vraw[u][kk][4 * c], ld_stream16<Cfg::kL2Prefetch>(src + 16 * c));
             }
           }
         }
