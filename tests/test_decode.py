@@ -48,6 +48,20 @@ def test_decode_gqa_and_blocks(heads, block_size):
     assert_attention_close(out, r32, rlp, 4)
 
 
+@pytest.mark.parametrize("block_size", [16, 48])
+def test_decode_fp8_d64_block_entries_ahead(block_size):
+    """FP8 head_dim 64 reads each stage's block-table entries one warp iteration early (two 16-key
+    sub-tiles per stage): sequences long enough for many stages per warp and several splits,
+    scattered blocks, a block size that is not a power of two, a window that starts mid-block."""
+    _skip_unless(64)
+    seq_lens = [2000, 4093, 37, 9000]
+    batch = make_paged_batch([1] * 4, seq_lens, 16, 2, 64, block_size=block_size, fp8=True, seed=block_size)
+    for window_left in (-1, 1234):
+        out = _decode(batch, 1, softmax_scale=64**-0.5, window_left=window_left)
+        r32, rlp, _ = reference_outputs(batch, ref.decode, softmax_scale=64**-0.5, window_left=window_left)
+        assert_attention_close(out, r32, rlp, 4)
+
+
 @pytest.mark.parametrize("q_len", [1, 2, 3, 5, 8])
 def test_decode_spec_verification_rows(q_len):
     """Spec-decode verification: q_len > 1, causal aligned bottom-right; a mixed short row too."""
