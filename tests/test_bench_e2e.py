@@ -268,6 +268,33 @@ def test_resumed_runs_keep_each_records_environment(tmp_path, monkeypatch):
     assert [(r["input_len"], r["env_index"]) for r in data["records"]] == [(256, 0), (1024, 0), (2048, 1), (4096, 0)]
 
 
+def test_interleaved_sweep_measures_in_rounds(tmp_path, monkeypatch):
+    """--interleave: round r measures every input length once (same prompts as length by length),
+    and each length's record is the median over the rounds."""
+    from vllm_fireattn.bench import env
+
+    calls = []
+
+    def measure(llm, prompt, output_len):
+        calls.append((len(prompt), prompt[0]))
+        return float(len(calls)), 2.0 + 0.1 * len(calls), "fake"
+
+    monkeypatch.setattr(e2e, "_engine", lambda *a, **k: object())
+    monkeypatch.setattr(e2e, "_timed", lambda *a, **k: 1.0)
+    monkeypatch.setattr(e2e, "_measure", measure)
+    monkeypatch.setattr(env, "environment", lambda command: ENV_A)
+    path = e2e.run("llama31-8b", "FIREATTN", "fp8", [], tmp_path, ["sweep"], [256, 1024], 128, 3, 8, 1024, 64,
+                   0.9, "c", interleave=True)
+    assert [n for n, _ in calls] == [256, 1024] * 3
+    # round r's prompts come from seed r + 1, as length by length: one round's two lengths share
+    # their first token, the rounds do not
+    assert [calls[2 * r][1] == calls[2 * r + 1][1] for r in range(3)] == [True] * 3
+    assert len({calls[2 * r][1] for r in range(3)}) == 3
+    recs = {r["input_len"]: r for r in e2e.load_results(path)["records"]}
+    assert recs[256]["ttft_ms"] == 3.0 and recs[1024]["ttft_ms"] == 4.0  # medians of calls 1,3,5 / 2,4,6
+    assert recs[256]["order"] == "interleaved" and recs[256]["reps"] == 3
+
+
 def test_merge_adds_skips_and_replaces(tmp_path, capsys):
     name = "llama31-8b__FIREATTN__fp8.json"
     dest = _write(tmp_path / "dest" / name, [ENV_A], _sweep("FIREATTN", "fp8", 2e-5, 6.0, 1e-7, lens=(256, 1024)))

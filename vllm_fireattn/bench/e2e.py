@@ -14,9 +14,10 @@ older single "env" are read as one env and converted when next saved):
   request per rep: TTFT and ITL come from vLLM's per-request stats (first-token latency; last minus
   first token time over output_len - 1), or, where a vLLM build gives no stats, from wall clock (a
   1-token request for TTFT). Each point is the median of --reps requests with fresh random token
-  ids (prefix caching off). FIREATTN with a BF16 cache (--kv auto) prefills on the same
-  warp-specialized tensor-core kernel as FP8 (16-bit wgmma; 0.31-0.45x of FA3 BF16's speed on an
-  H200), so it runs the full input-length sweep like the other variants (the removed first
+  ids (prefix caching off), measured length by length, or with --interleave in rounds of one
+  request per length (drifts of the machine then do not move one length's requests together).
+  FIREATTN with a BF16 cache (--kv auto) prefills on the same warp-specialized tensor-core kernel
+  as FP8 (16-bit wgmma; 0.68-0.93x of FA3 BF16's speed on an H200), so it runs the full input-length sweep like the other variants (the removed first
   CUDA-core kernel took minutes per 125k-token request and needed --input-lens capped).
 - load: --load-requests concurrent requests of --load-input tokens in, --load-output out;
   output tokens per second.
@@ -163,7 +164,7 @@ def _save(path: Path, data: dict) -> None:
 
 def run(model: str, backend: str, kv: str, skip_layers: list[str], out_dir: Path, kinds: list[str],
         input_lens: list[int], output_len: int, reps: int, load_requests: int, load_input: int, load_output: int,
-        gpu_memory_utilization: float, command: str, serve: dict | None = None) -> Path:
+        gpu_memory_utilization: float, command: str, serve: dict | None = None, interleave: bool = False) -> Path:
     from tqdm import tqdm
 
     from vllm_fireattn.bench.env import environment
@@ -194,11 +195,23 @@ def run(model: str, backend: str, kv: str, skip_layers: list[str], out_dir: Path
     max_len = max([n + output_len for n in todo] + ([load_input + load_output] if need_load else []))
     llm = _engine(model, backend, kv, skip_layers, max_len + 16, max(8, load_requests), gpu_memory_utilization)
     _timed(llm, _random_prompts(1, 512, vocab, 0), 8)  # warm-up (graphs, allocator)
-    for n in tqdm(todo, desc=f"{model} {backend} {kv} sweep", unit="len"):
-        got = [_measure(llm, _random_prompts(1, n, vocab, r + 1)[0], output_len) for r in range(reps)]
-        data["records"].append(dict(base, bench="e2e_sweep", input_len=n, output_len=output_len, reps=reps,
-                                    ttft_ms=statistics.median(g[0] for g in got),
-                                    itl_ms=statistics.median(g[1] for g in got), method=got[0][2]))
+    def sweep_record(n, got, **extra):
+        return dict(base, bench="e2e_sweep", input_len=n, output_len=output_len, reps=reps,
+                    ttft_ms=statistics.median(g[0] for g in got), itl_ms=statistics.median(g[1] for g in got),
+                    method=got[0][2], **extra)
+
+    if interleave and todo:
+        # Round r measures every input length once: slow drifts of the machine then spread over all
+        # lengths instead of shifting one length's requests together (saved when all rounds end).
+        got = {n: [] for n in todo}
+        for r in tqdm(range(reps), desc=f"{model} {backend} {kv} sweep rounds", unit="round"):
+            for n in todo:
+                got[n].append(_measure(llm, _random_prompts(1, n, vocab, r + 1)[0], output_len))
+        data["records"] += [sweep_record(n, got[n], order="interleaved") for n in todo]
+        _save(path, data)
+    for n in [] if interleave else tqdm(todo, desc=f"{model} {backend} {kv} sweep", unit="len"):
+        data["records"].append(sweep_record(n, [_measure(llm, _random_prompts(1, n, vocab, r + 1)[0], output_len)
+                                                for r in range(reps)]))
         _save(path, data)
     if need_load:
         ms = _timed(llm, _random_prompts(load_requests, load_input, vocab, 99), load_output)
@@ -681,6 +694,8 @@ def main(argv=None) -> None:
     r.add_argument("--input-lens", type=int, nargs="+", default=list(SWEEP_INPUT_LENS))
     r.add_argument("--output-len", type=int, default=128)
     r.add_argument("--reps", type=int, default=3)
+    r.add_argument("--interleave", action="store_true",
+                   help="sweep in rounds (each round every input length once) instead of length by length")
     r.add_argument("--load-requests", type=int, default=8)
     r.add_argument("--load-input", type=int, default=32768)
     r.add_argument("--load-output", type=int, default=1024)
@@ -723,5 +738,5 @@ def main(argv=None) -> None:
     if a.serve_rates:
         serve["rates"] = a.serve_rates
     path = run(a.model, a.backend, a.kv, a.skip_layers, a.out_dir, a.kinds, a.input_lens, a.output_len, a.reps,
-               a.load_requests, a.load_input, a.load_output, a.gpu_memory_utilization, cmd, serve)
+               a.load_requests, a.load_input, a.load_output, a.gpu_memory_utilization, cmd, serve, a.interleave)
     print(f"wrote {path}")
