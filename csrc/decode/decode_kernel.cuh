@@ -150,7 +150,7 @@ struct DecodeConfig {
   // Widening every other V tile by cvt (pipe balancing) was no faster at 128 and slower at 256.
   static constexpr bool kVCvt = D == 64;
   // Block-table entries one warp iteration ahead: where a stage spans two sub-tiles (FP8 at
-  // head_dim 64), 6-9% faster at batch >= 8 and 1 x 128k; at one sub-tile per stage (every other
+  // head_dim 64), 5-9% faster at batch >= 8 and 1 x 128k; at one sub-tile per stage (every other
   // config) level to 4% slower (H200, tools/decode_latency.py, one call, us, ahead / in line: D64
   // 1 x 128k 43.4 / 46.2, 8 x 32k 77.8 / 83.4, 64 x 4k 72.0 / 78.9; D128 8 x 32k 144.1 / 142.4;
   // D256 64 x 4k 174.1 / 167.0).
