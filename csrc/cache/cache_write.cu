@@ -6,6 +6,7 @@
 #include <torch/all.h>
 
 #include "common/fp8.cuh"
+#include "common/pdl.cuh"
 #include "common/torch_checks.h"
 
 namespace fireattn {
@@ -23,7 +24,7 @@ __global__ void __launch_bounds__(kThreads) cache_write_kernel(
     int block_size) {
   // The decode kernel that follows a cache write is launched as its programmatic dependent: let
   // it be scheduled now (it waits for this grid to finish before it reads anything).
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  pdl_launch_dependents();
   const int token = blockIdx.x;
   const int64_t slot = slot_mapping[token];
   if (slot < 0) return;

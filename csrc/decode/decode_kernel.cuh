@@ -33,6 +33,7 @@
 #include <type_traits>
 
 #include "common/attention_params.h"
+#include "common/pdl.cuh"
 
 namespace fireattn {
 
@@ -165,51 +166,43 @@ struct DecodeConfig {
 
 // Streaming loads of the cache (read once): no L1 allocation, an L2 prefetch hint of kHint
 // bytes (256, 128, or 0 = none; DecodeConfig::kL2Prefetch).
-#define FIREATTN_LD_STREAM_ASM(hint, vec) "ld.global.nc.L1::no_allocate" hint "." vec
+#define FIREATTN_LD16(hint)                                                                          \
+  asm volatile("ld.global.nc.L1::no_allocate" hint ".v4.u32 {%0,%1,%2,%3}, [%4];"                    \
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p))
+#define FIREATTN_LD8(hint) \
+  asm volatile("ld.global.nc.L1::no_allocate" hint ".v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p))
 template <int kHint>
 __device__ __forceinline__ uint4 ld_stream16(const uint8_t* p) {
+  static_assert(kHint == 256 || kHint == 128 || kHint == 0, "L2 prefetch hint: 256, 128 or 0 bytes");
   uint4 r;
-  if constexpr (kHint == 256) {
-    asm volatile(FIREATTN_LD_STREAM_ASM(".L2::256B", "v4.u32") " {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  } else if constexpr (kHint == 128) {
-    asm volatile(FIREATTN_LD_STREAM_ASM(".L2::128B", "v4.u32") " {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  } else {
-    asm volatile(FIREATTN_LD_STREAM_ASM("", "v4.u32") " {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  }
+  if constexpr (kHint == 256) FIREATTN_LD16(".L2::256B");
+  else if constexpr (kHint == 128) FIREATTN_LD16(".L2::128B");
+  else FIREATTN_LD16("");
   return r;
 }
 
 template <int kHint>
 __device__ __forceinline__ uint2 ld_stream8(const uint8_t* p) {
+  static_assert(kHint == 256 || kHint == 128 || kHint == 0, "L2 prefetch hint: 256, 128 or 0 bytes");
   uint2 r;
-  if constexpr (kHint == 256) {
-    asm volatile(FIREATTN_LD_STREAM_ASM(".L2::256B", "v2.u32") " {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
-  } else if constexpr (kHint == 128) {
-    asm volatile(FIREATTN_LD_STREAM_ASM(".L2::128B", "v2.u32") " {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
-  } else {
-    asm volatile(FIREATTN_LD_STREAM_ASM("", "v2.u32") " {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
-  }
+  if constexpr (kHint == 256) FIREATTN_LD8(".L2::256B");
+  else if constexpr (kHint == 128) FIREATTN_LD8(".L2::128B");
+  else FIREATTN_LD8("");
   return r;
 }
+#undef FIREATTN_LD16
+#undef FIREATTN_LD8
 
-// Programmatic dependent launch (sm_90): the host launches the split kernel and the combine with
-// cudaLaunchAttributeProgrammaticStreamSerialization, so each may be scheduled while the kernel
-// before it in the stream still runs. pdl_wait() blocks until that kernel has finished and its
-// writes are visible (a no-op when launched without the attribute); both kernels call it before
-// their first global-memory read, so nothing they read can be stale whatever ran before
+// Programmatic dependent launch (common/pdl.cuh): the host launches the split kernel and the
+// combine as dependents of the kernel before each, and both call pdl_wait() before their first
+// global-memory read, so nothing they read can be stale whatever ran before
 // (tests/test_decode.py captures a cache write + decode step in a CUDA graph: without the wait
-// the decode misses the token just written). pdl_launch_dependents() lets the next kernel be
-// scheduled before this grid ends; fireattn.cache_write calls it too, as a decode step's KV
-// write precedes its decode. H200, CUDA graph of 8 layers of (cache write + decode), batch 1,
-// FP8 cache, us per layer, PDL / plain launches, same call: head_dim 128 1k 10.96 / 12.34, 4k
-// 14.02 / 15.14, 32k 28.58 / 30.02; head_dim 64 8k 13.13 / 14.45; head_dim 256 1k 14.60 /
-// 15.60, 8k 23.70 / 24.98 (BF16 caches alike); batch 8 x 4k decode alone 28.19 / 28.62.
-// FIREATTN_DECODE_PDL=0 launches both kernels the ordinary way.
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+// the decode misses the token just written). fireattn.cache_write calls pdl_launch_dependents()
+// at its start, as a decode step's KV write precedes its decode. H200, CUDA graph of 8 layers of
+// (cache write + decode), batch 1, FP8 cache, us per layer, PDL / plain launches, same call:
+// head_dim 128 1k 10.96 / 12.34, 4k 14.02 / 15.14, 32k 28.58 / 30.02; head_dim 64 8k 13.13 /
+// 14.45; head_dim 256 1k 14.60 / 15.60, 8k 23.70 / 24.98 (BF16 caches alike); batch 8 x 4k
+// decode alone 28.19 / 28.62. FIREATTN_DECODE_PDL=0 launches both kernels the ordinary way.
 
 __device__ __forceinline__ void unpack4(uint32_t* words, uint4 x) {
   words[0] = x.x;
