@@ -17,29 +17,21 @@ import json
 import torch
 
 from vllm_fireattn import ops
+from vllm_fireattn.bench.kernels import graphed
 
 HEADS = {64: (64, 8), 128: (32, 8), 256: (16, 4)}
 BLOCK = 16
 
 
 def graph_time_us(calls, reps=20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:  # warm up (FA3 may allocate on first use)
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
+    replay = graphed(lambda: [c() for c in calls])  # one graph of all the calls
+    replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):
         start.record()
-        g.replay()
+        replay()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / len(calls))

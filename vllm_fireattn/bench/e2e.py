@@ -17,8 +17,9 @@ older single "env" are read as one env and converted when next saved):
   ids (prefix caching off), measured length by length, or with --interleave in rounds of one
   request per length (drifts of the machine then do not move one length's requests together).
   FIREATTN with a BF16 cache (--kv auto) prefills on the same warp-specialized tensor-core kernel
-  as FP8 (16-bit wgmma; 0.68-0.93x of FA3 BF16's speed on an H200), so it runs the full input-length sweep like the other variants (the removed first
-  CUDA-core kernel took minutes per 125k-token request and needed --input-lens capped).
+  as FP8 (16-bit wgmma; 0.68-0.93x of FA3 BF16's speed on an H200), so it runs the full
+  input-length sweep like the other variants (the removed first CUDA-core kernel took minutes per
+  125k-token request and needed --input-lens capped).
 - load: --load-requests concurrent requests of --load-input tokens in, --load-output out;
   output tokens per second.
 - serve: online serving at a latency budget (serve_budget.py): one `vllm serve` loaded by vLLM's
@@ -195,24 +196,28 @@ def run(model: str, backend: str, kv: str, skip_layers: list[str], out_dir: Path
     max_len = max([n + output_len for n in todo] + ([load_input + load_output] if need_load else []))
     llm = _engine(model, backend, kv, skip_layers, max_len + 16, max(8, load_requests), gpu_memory_utilization)
     _timed(llm, _random_prompts(1, 512, vocab, 0), 8)  # warm-up (graphs, allocator)
+
     def sweep_record(n, got, **extra):
         return dict(base, bench="e2e_sweep", input_len=n, output_len=output_len, reps=reps,
                     ttft_ms=statistics.median(g[0] for g in got), itl_ms=statistics.median(g[1] for g in got),
                     method=got[0][2], **extra)
 
-    if interleave and todo:
+    def measure(n, r):  # request r of input length n (the same prompt in either order)
+        return _measure(llm, _random_prompts(1, n, vocab, r + 1)[0], output_len)
+
+    if interleave:
         # Round r measures every input length once: slow drifts of the machine then spread over all
         # lengths instead of shifting one length's requests together (saved when all rounds end).
         got = {n: [] for n in todo}
         for r in tqdm(range(reps), desc=f"{model} {backend} {kv} sweep rounds", unit="round"):
             for n in todo:
-                got[n].append(_measure(llm, _random_prompts(1, n, vocab, r + 1)[0], output_len))
+                got[n].append(measure(n, r))
         data["records"] += [sweep_record(n, got[n], order="interleaved") for n in todo]
         _save(path, data)
-    for n in [] if interleave else tqdm(todo, desc=f"{model} {backend} {kv} sweep", unit="len"):
-        data["records"].append(sweep_record(n, [_measure(llm, _random_prompts(1, n, vocab, r + 1)[0], output_len)
-                                                for r in range(reps)]))
-        _save(path, data)
+    else:
+        for n in tqdm(todo, desc=f"{model} {backend} {kv} sweep", unit="len"):
+            data["records"].append(sweep_record(n, [measure(n, r) for r in range(reps)]))
+            _save(path, data)
     if need_load:
         ms = _timed(llm, _random_prompts(load_requests, load_input, vocab, 99), load_output)
         data["records"].append(dict(base, bench="e2e_load", input_len=load_input, output_len=load_output,

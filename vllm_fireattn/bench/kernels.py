@@ -33,7 +33,7 @@ def _bench(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _graphed(fn):
+def graphed(fn):
     """fn captured in a CUDA graph; returns its replay (decode runs under CUDA graphs in vLLM, and
     a replay's short launch cannot leave the GPU idle inside _bench_read_flush's timed region).
     Under do_bench it times as eager calls do (H200, head_dim 64, 8 x 32k FP8: 89.0 vs 88.6 us)."""
@@ -149,7 +149,7 @@ def run(bench: str, quick: bool = False) -> list[dict]:
                     promote = (0 if impl == "fireattn-never" else 1) if bench == "prefill" else None
                     fn = _ours(s, op, q_len, causal, kv == "fp8", d, promote)
                 if bench == "decode":
-                    fn = _graphed(fn)
+                    fn = graphed(fn)
                 rec = dict(base, impl=impl, kv_dtype=kv, ms=_bench(fn))
                 if bench == "prefill":
                     rec["tflops"] = prefill_flops(batch, q_len, seqlen, hq, d, causal) / rec["ms"] / 1e9
