@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import assert_attention_close, make_paged_batch, reference_outputs
+import vllm_fireattn
 from vllm_fireattn import ops
 from vllm_fireattn import reference as ref
 
@@ -104,6 +105,9 @@ def test_prefill_tma_disabled_fallback():
     """FIREATTN_DISABLE_TMA=1 (read once per process) sends every TMA-eligible launch to the
     cp.async fallback: rerun the shape tests of the long batch in a child process with it."""
     env = dict(os.environ, FIREATTN_DISABLE_TMA="1")
+    # the child imports the package the parent imported (an in-place build is not installed)
+    pkg_root = str(Path(vllm_fireattn.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [x for x in [os.environ.get("PYTHONPATH")] if x])
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
                           "test_prefill_shapes and long"], env=env, capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).resolve().parent)
