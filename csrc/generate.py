@@ -81,7 +81,7 @@ def _wgmma_header() -> str:
            "namespace fireattn {", "template <int N> struct WgmmaFp8;", "template <int N> struct WgmmaBf16;",
            "template <int N> struct WgmmaF16;"]
     for name, ab, k, ss_tail, rs_tail, sizes in (
-            ("WgmmaFp8", "e4m3.e4m3", 32, "p, 1, 1", "p, 1, 1", (64, 128, 256)),
+            ("WgmmaFp8", "e4m3.e4m3", 32, "p, 1, 1", "p, 1, 1", (64, 72, 128, 136, 256)),  # 72 / 136: PV with the sum row
             ("WgmmaBf16", "bf16.bf16", 16, "p, 1, 1, 0, 0", "p, 1, 1, 0", (32, 64, 128)),
             ("WgmmaF16", "f16.f16", 16, "p, 1, 1, 0, 0", "p, 1, 1, 0", (32, 64, 128))):
         out += _wgmma_structs(name, ab, k, ss_tail, rs_tail, sizes)

@@ -109,8 +109,10 @@ def make_paged_batch(
     )
 
 
-def reference_outputs(batch: PagedBatch, op=ref.prefill, lowp: str = "kernel", emulation=None, **kw):
-    """(ref_fp32, ref_lowp, lse_lowp) in float64 from the reference, rows [0, total_q).
+def reference_outputs(batch: PagedBatch, op=ref.prefill, lowp: str = "kernel", emulation=None,
+                      with_exact_lse: bool = False, **kw):
+    """(ref_fp32, ref_lowp, lse_lowp) in float64 from the reference, rows [0, total_q), and
+    lse_fp32 fourth with `with_exact_lse`.
 
     lowp: the kernel's own precision ("kernel", or "fp8_mma" with `emulation` kwargs such as
     block_n and promote_every for the FP8 tensor-core prefill)."""
@@ -124,6 +126,8 @@ def reference_outputs(batch: PagedBatch, op=ref.prefill, lowp: str = "kernel", e
         op(out, *batch.args(), max_query_len=batch.max_query_len, lse=lse, precision=precision, **kw,
            **(emulation or {}))
         outs[precision] = (out, lse)
+    if with_exact_lse:
+        return outs["exact"][0], outs[lowp][0], outs[lowp][1], outs["exact"][1]
     return outs["exact"][0], outs[lowp][0], outs[lowp][1]
 
 

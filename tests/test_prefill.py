@@ -49,14 +49,25 @@ def _check(batch, rows, softmax_scale=0.125, window_left=-1, softcap=0.0, sinks=
     head_dim = batch.query.shape[-1]
     block_n = torch.ops.fireattn.prefill_key_tile(head_dim, fp8)  # the build's tile, not restated
     emulation = dict(block_n=block_n, promote_every=promote_every)
-    r32, rlp, rlse = reference_outputs(batch, lowp="fp8_mma", emulation=emulation,
-                                       softmax_scale=softmax_scale, window_left=window_left, softcap=softcap,
-                                       sinks=sinks, causal=causal)
+    r32, rlp, rlse, lse32 = reference_outputs(batch, lowp="fp8_mma", emulation=emulation, with_exact_lse=True,
+                                              softmax_scale=softmax_scale, window_left=window_left,
+                                              softcap=softcap, sinks=sinks, causal=causal)
     assert_attention_close(out, r32, rlp, rows, lowp_exact=False)
-    # P's FP8 rounding does not enter the LSE, but FP8 QK^T does: the tensor cores accumulate
-    # each k-step with ~13 mantissa bits, so scores (and the LSE) carry ~1e-4 relative error.
+    # FP8 QK^T enters the LSE: the tensor cores accumulate each k-step with ~13 mantissa bits, so
+    # scores (and the LSE) carry ~1e-4 relative error. At head_dim 64 / 128 the FP8 row sums are
+    # of the rounded P (the reference's l_from_p) and so carry its e4m3 rounding, where the exp
+    # approximation can flip single roundings: as for the outputs, the kernel's LSE may then be no
+    # farther from the emulation than the emulation is from the exact LSE.
     tol = dict(atol=5e-3, rtol=1e-3) if fp8 else dict(atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(lse[:, :rows].double(), rlse[:, :rows], **tol)
+    got, want = lse[:, :rows].double(), rlse[:, :rows]
+    if fp8 and head_dim != 256 and promote_every == 1:
+        finite = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(got), finite), "LSE inf positions differ"
+        gap = (want - lse32[:, :rows])[finite].abs().max().item() if finite.any() else 0.0
+        dev = (got - want)[finite].abs().max().item() if finite.any() else 0.0
+        assert dev <= gap + tol["atol"], f"max|lse - lse_lowp| {dev:.3e} > max|lse_lowp - lse_fp32| {gap:.3e} + 5e-3"
+    else:
+        torch.testing.assert_close(got, want, **tol)
 
 
 def _head_dim_compiled(d):
@@ -193,6 +204,9 @@ def test_prefill_fp8_error_flat_with_context(head_dim):
     assert max(errs) <= 1.25 * min(errs), f"error grows with context: {errs}"
     for every, never in zip(errs, never_errs):
         assert every <= never * 1.001, f"promoting every tile {errs} worse than never {never_errs}"
+    # never promoting drifts, but boundedly (H200: head_dim 128 0.0292, 256 0.0559 at 128k keys);
+    # row sums of P in the tensor-core accumulator without promotion reached 1.9
+    assert max(never_errs) <= 3 * max(errs), f"never promoted {never_errs} vs every tile {errs}"
     assert max(errs) <= 0.024, f"relative L2 errors {errs} above today's level"
 
 

@@ -202,3 +202,29 @@ def test_p_against_the_tile_max_is_more_accurate():
     assert torch.equal(attend(q, k, v, 0.1, True, p_ref="tile", **one)[0], attend(q, k, v, 0.1, True, **one)[0])
     with pytest.raises(ValueError, match="p_ref"):
         attend(q[:2], k[:130], v[:130], 0.1, True, p_fp8=True, p_ref="global")
+
+
+def test_l_from_rounded_p():
+    """l_from_p (the FP8 prefill at head_dim 64 / 128 sums P on the tensor cores): one tile, the
+    output is the rounded-P-weighted mean of V, its weights summing to exactly 1, and the LSE is
+    the log of the rounded P's sum; across tiles the ones column is rescaled like O (compared with
+    an explicit ones column of V under the same emulation); FP32 row sums otherwise."""
+    g = torch.Generator().manual_seed(1)
+    r8 = lambda x: x.to(torch.float8_e4m3fn).double()  # noqa: E731
+    q = r8(torch.randn(16, 4, 64, generator=g))
+    k, v = r8(torch.randn(300, 1, 64, generator=g)), r8(torch.randn(300, 1, 64, generator=g))
+    one = dict(p_fp8=True, block_n=512, p_ref="tile")
+    out, lse = attend(q, k, v, 64**-0.5, False, l_from_p=True, **one)
+    s = torch.einsum("qhd,kd->hqk", q, k[:, 0]) * 64**-0.5
+    m = s.amax(-1, keepdim=True)
+    pr = (torch.exp(s - m) * 256).to(torch.float32).to(torch.float8_e4m3fn).double() / 256
+    torch.testing.assert_close(out, (torch.einsum("hqk,kd->qhd", pr, v[:, 0]) / pr.sum(-1).T[..., None]),
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, (m[..., 0] + torch.log(pr.sum(-1))), atol=1e-12, rtol=0)
+    tiled = dict(p_fp8=True, block_n=64, p_ref="tile", mma_mantissa_bits=13)
+    out_t, _ = attend(q, k, v, 64**-0.5, False, l_from_p=True, **tiled)
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    acc, _ = attend(q, k, v1, 64**-0.5, False, **tiled)  # un-normalized ratio check: O / ones column
+    torch.testing.assert_close(out_t, acc[..., :-1] / acc[..., -1:], atol=1e-9, rtol=0)
+    fp32_l, _ = attend(q, k, v, 64**-0.5, False, **one)
+    assert not torch.allclose(fp32_l, out, atol=1e-6, rtol=0)

@@ -5,12 +5,15 @@
 //   q8 = sat_rne(q / q_scale[h_kv])       in registers, once per CTA, into shared memory
 //   s  = (q8 . k8) * q_scale * k_scale * softmax_scale   (FP32 wgmma accumulator)
 //   p  = exp(s - m_ref) (FP32 online softmax; m_ref = the key tile's row max, or the running max
-//        / 2^8 where the tile's is lower: see softmax_tile); l = sum p in FP32
+//        / 2^8 where the tile's is lower: see softmax_tile)
 //   p8 = sat_rne(p * 256)                 x256 keeps small weights out of e4m3's subnormals
 //   O  = sum p8 . v8 on FP8 tensor cores, promoted into an FP32 register accumulator every
 //        `promote_every` KV tiles (two-level accumulation; 0 = only at the end), because the
 //        tensor-core accumulator keeps ~13 mantissa bits and long contexts would drift.
-//   out = O * v_scale / (256 * l)
+//   l  = sum p8, as one more column of O (head_dim 64 / 128 promoting every tile: V^T's extra
+//        row of ones, so the weights of V sum to exactly 1; PrefillConfig::kSumRows), else
+//        sum p * 256 in FP32
+//   out = O * v_scale / l
 // BF16/FP16 cache (the same precision="fp8_mma" with P rounded to the model dtype): Q, K and V
 // as stored, no scales; S on 16-bit tensor cores (k16, FP32 accumulator); P * 256 rounded to the
 // model dtype; PV on 16-bit tensor cores straight into the FP32 output accumulator. Key tiles:
@@ -77,6 +80,10 @@ namespace fireattn {
 #define FIREATTN_PREFILL_PRODUCER_EXPERIMENT 0
 #endif
 constexpr int kProducerExperiment = FIREATTN_PREFILL_PRODUCER_EXPERIMENT;
+// PrefillConfig::kSumRows: FP8 row sums of P on the tensor cores (0: in the softmax, FP32).
+#ifndef FIREATTN_PREFILL_SUM_ON_TC
+#define FIREATTN_PREFILL_SUM_ON_TC 1
+#endif
 // K / V ring depth of FP8 caches (16-bit caches: PrefillConfig::kStages). 4: H200, same run,
 // 1-2% faster than 3 at head_dim 128/256 (D128 1x16k 677 vs 670 TFLOP/s), equal at 64.
 #ifndef FIREATTN_PREFILL_STAGES
@@ -134,15 +141,25 @@ struct PrefillConfig {
   static constexpr int kBlockN = kWide ? 256
                                  : kDirect16 ? (D == 256 ? 32 : 128)
                                              : (D == 256 ? 64 : 128) / (kElem == 2 && D >= 128 ? 2 : 1);
-  static constexpr int kPvN = D == 256 ? 64 : D;  // output columns per PV wgmma
-  static constexpr int kPvSlices = D / kPvN;
+  // kSumRows (FP8 head_dim 64 / 128): the V^T tile has 8 more rows, row D all e4m3 1.0 and rows
+  // D+1..D+7 zero (written once per ring stage at the kernel's start, never overwritten). Where
+  // the kernel promotes every tile (its kSumOnTc), the PV wgmma takes N = D + 8 and so also
+  // accumulates each row's sum of P8 in output column D: the softmax adds no row sums, and l is
+  // the sum of the same rounded P that weighs V, promoted and rescaled with O. Other promotion
+  // intervals keep FP32 row sums (PV N = D): a positive sum growing over many tiles in the
+  // ~13-bit tensor-core accumulator stops absorbing small P (never promoted: relative L2 1.9 at
+  // 128k keys). head_dim 256 (64-column PV slices) and 16-bit caches (no V^T tile) sum in FP32.
+  static constexpr bool kSumRows = kElem == 1 && D != 256 && FIREATTN_PREFILL_SUM_ON_TC;
+  static constexpr int kVtRows = D + (kSumRows ? 8 : 0);  // V^T tile rows: dims (+ the sum rows)
+  static constexpr int kOutN = D == 256 ? 64 : D;         // output columns per PV wgmma
+  static constexpr int kPvSlices = D / kOutN;
   static constexpr int kStages = kElem == 1 ? FIREATTN_PREFILL_STAGES : (kDirect16 && D != 128 ? 4 : 3);  // K / V ring depth
   static constexpr int kRowBytes = D * kElem;
   static constexpr int kKeysPerStep = 32 / kElem;  // keys of one PV k-step (32 bytes of V^T)
   static constexpr int kQBytes = kBlockM * kRowBytes;
   static constexpr int kKBytes = kBlockN * kRowBytes;
   static constexpr int kVStageBytes = kBlockN * kRowBytes;
-  static constexpr int kVtBytes = kDirect16 ? 0 : D * kBlockN * kElem;  // V^T tile of the transposing paths
+  static constexpr int kVtBytes = kDirect16 ? 0 : kVtRows * kBlockN * kElem;  // V^T tile of the transposing paths
   static constexpr int kStageBytes = kKBytes + kVStageBytes + kVtBytes;
   static constexpr int kBarrierBytes = 3 * kStages * 8;
   static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + kBarrierBytes;
@@ -366,7 +383,7 @@ constexpr float kPRefSpan = FIREATTN_P_REF_SPAN;
 // relative to r1, of half 2 to r2 = the new m_ref, and beta = 2^(r1 - r2) rescales half 1's PV
 // and row sum into m_ref units. So the numerics are the 128-key tiles' (the reference emulates
 // block_n 128); only the loop's per-tile overhead is shared by 256 keys.
-template <int kSRegs, bool kMask, bool kSoftcap, int kChainsWanted, int kParts = 1>
+template <int kSRegs, bool kMask, bool kSoftcap, int kChainsWanted, int kParts = 1, bool kRowSums = true>
 __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], float (&m_ref)[2], float (&l)[2],
                                              float (&alpha)[2], float (&beta)[2],
                                              float scale_log2, float score_scale, float softcap,
@@ -443,9 +460,12 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kSRegs], float (&m)[2], 
         const int q = i / kPartSteps, j = i % kPartSteps;
         const float pr = fast_exp2(fmaf(s[4 * i + 2 * h + e], exp_scale, offset[h][q]));
         s[4 * i + 2 * h + e] = pr;
-        if (j < kChains && e == 0) sum[h][q][j] = pr;
-        else sum[h][q][j % kChains] += pr;
+        if constexpr (kRowSums) {
+          if (j < kChains && e == 0) sum[h][q][j] = pr;
+          else sum[h][q][j % kChains] += pr;
+        }
       }
+  if constexpr (!kRowSums) return;  // the PV wgmma sums P (PrefillConfig::kSumRows)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
 #pragma unroll
@@ -486,11 +506,14 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
 #endif
   using Cfg = PrefillConfig<D, kElem, kWide>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
-  constexpr int kPvN = Cfg::kPvN, kPvSlices = Cfg::kPvSlices;
+  // kSumOnTc: row sums of P8 by the PV wgmma (PrefillConfig::kSumRows), when promoting every tile.
+  constexpr bool kSumOnTc = Cfg::kSumRows && kEveryTile;
+  constexpr int kPvN = D == 256 ? 64 : (kSumOnTc ? Cfg::kVtRows : D);  // accumulator columns per PV wgmma
+  constexpr int kPvSlices = Cfg::kPvSlices;
   constexpr int kRowBytes = Cfg::kRowBytes;
   using QTile = KMajorTile<kBlockM, kRowBytes>;
   using KTile = KMajorTile<kBlockN, kRowBytes>;
-  using VtTile = KMajorTile<D, kBlockN * kElem>;
+  using VtTile = KMajorTile<Cfg::kVtRows, kBlockN * kElem>;
   using QK = WgmmaFor<QT, kFp8, kBlockN>;
   using PV = WgmmaFor<QT, kFp8, kPvN>;
   constexpr int kSRegs = QK::kRegs;                      // S accumulator: kBlockN / 2 floats per thread
@@ -535,6 +558,14 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
       mbar_init(empty(st), Cfg::kThreads - Cfg::kProducerThreads);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  if constexpr (Cfg::kSumRows) {  // V^T rows D..D+7 of every stage: 1.0 (e4m3 0x38) in row D, 0 below
+    constexpr int kWordsPerRow = kBlockN / 4;
+    for (int i = threadIdx.x; i < kStages * 8 * kWordsPerRow; i += Cfg::kThreads) {
+      const int st = i / (8 * kWordsPerRow), r = (i / kWordsPerRow) % 8, w = i % kWordsPerRow;
+      sts32(smem_addr(vt_tile(st)) + VtTile::offset(D + r, 4 * w), r == 0 ? 0x38383838u : 0u);
+    }
+    fence_proxy_async();
   }
   __syncthreads();
 
@@ -685,7 +716,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
           uint32_t r[4];
           ldsm_x4(ld_lane + kg * 16 * KTile::CW + (dg * 32 / KTile::CW) * (kBlockN * KTile::CW) + ((dg * 32 % KTile::CW) ^ ld_x), r);
           // Keys past VtTile::CW bytes (256-key tiles) sit in the tile's next column chunk.
-          const uint32_t st_key = (kg * 16 / VtTile::CW) * (D * VtTile::CW) + ((kg * 16 % VtTile::CW) ^ st_sw);
+          const uint32_t st_key = (kg * 16 / VtTile::CW) * (Cfg::kVtRows * VtTile::CW) + ((kg * 16 % VtTile::CW) ^ st_sw);
           stsm_x4_trans(st_lane + dg * 32 * VtTile::CW + st_key, prmt(r[0], r[1], sel_x), prmt(r[0], r[1], sel_y),
                         prmt(r[2], r[3], sel_x), prmt(r[2], r[3], sel_y));
         }
@@ -852,13 +883,13 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
     constexpr int kSoftmaxChains = kFp8 ? 2 : 1;  // see softmax_tile
     constexpr int kParts = kWide ? 2 : 1;
     if (p.softcap > 0.f)
-      softmax_tile<kSRegs, true, true, kSoftmaxChains, kParts>(s, m, m_ref, l, alpha, beta, scale_log2, score_scale,
+      softmax_tile<kSRegs, true, true, kSoftmaxChains, kParts, !kSumOnTc>(s, m, m_ref, l, alpha, beta, scale_log2, score_scale,
                                                                p.softcap, tm);
     else if (need_mask)
-      softmax_tile<kSRegs, true, false, kSoftmaxChains, kParts>(s, m, m_ref, l, alpha, beta, scale_log2, score_scale,
+      softmax_tile<kSRegs, true, false, kSoftmaxChains, kParts, !kSumOnTc>(s, m, m_ref, l, alpha, beta, scale_log2, score_scale,
                                                                 p.softcap, tm);
     else
-      softmax_tile<kSRegs, false, false, kSoftmaxChains, kParts>(s, m, m_ref, l, alpha, beta, scale_log2,
+      softmax_tile<kSRegs, false, false, kSoftmaxChains, kParts, !kSumOnTc>(s, m, m_ref, l, alpha, beta, scale_log2,
                                                                  score_scale, p.softcap, tm);
   };
 
@@ -872,10 +903,10 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   // kBlockN * 128 bytes apart (LBO), 8-key row groups 1024 bytes apart (SBO), 16 keys a k-step.
   uint64_t vt_desc0 = Cfg::kDirect16 ? smem_desc(smem_addr(v_staging(0)), kBlockN * 128, 1024, 1)
                                      : VtTile::desc_base(smem_addr(vt_tile(0)));
-  // PV's B operand of output columns [sl * kPvN, +kPvN) at k-step c, and the MMA that reads it.
+  // PV's B operand of output columns [sl * kOutN, +kPvN) at k-step c, and the MMA that reads it.
   auto pv_step = [&](int sl, int c) -> uint32_t {
     if constexpr (Cfg::kDirect16) return (sl * (kPvN / 64) * (kBlockN * 128) + c * 16 * 128) >> 4;
-    else return VtTile::desc_step(sl * kPvN, c);
+    else return VtTile::desc_step(sl * Cfg::kOutN, c);
   };
   auto pv_mma = [&](float(&acc)[kPvRegs], const uint32_t(&a)[4], uint64_t desc, int scale_d) {
     if constexpr (Cfg::kDirect16) PV::rs_t(acc, a, desc, scale_d);
@@ -1036,7 +1067,9 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   // ---- Epilogue: row sums across the quad, sinks, normalization, output and LSE.
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float lsum = l[h];  // the quad's four shares
+    // The quad's four shares of the row sum (kSumOnTc: column D of O, held by tq == 0; the other
+    // lanes hold the zero columns D + 2 tq).
+    float lsum = kSumOnTc ? o_main[0][4 * (D / 8) + 2 * h] : l[h];
     lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
     lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
     const int row = row0 + wg * 64 + (warp % 4) * 16 + g + 8 * h;
@@ -1057,8 +1090,8 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
 #pragma unroll
     for (int sl = 0; sl < kPvSlices; ++sl)
 #pragma unroll
-      for (int i = 0; i < kPvRegs / 4; ++i) {
-        const int col = sl * kPvN + 8 * i + 2 * tq;
+      for (int i = 0; i < Cfg::kOutN / 8; ++i) {
+        const int col = sl * Cfg::kOutN + 8 * i + 2 * tq;
         *reinterpret_cast<uint32_t*>(o + col) =
             pack2<QT>(o_main[sl][4 * i + 2 * h] * inv, o_main[sl][4 * i + 2 * h + 1] * inv);
       }

@@ -18,6 +18,9 @@ precision:
             row max) or "tile" (the tile's own row max unless it lies more than
             P_REF_SPAN_LOG2 below the running max; the prefill kernel's choice, which
             makes every tile's largest P exact).
+            l_from_p: the softmax denominator is the sum of the rounded P, accumulated like O
+            (the FP8 prefill at head_dim 64 / 128, promoting every tile, sums P on the tensor
+            cores as an extra row of ones in V^T); otherwise the sum of P in FP32 before rounding.
 
 Masks: bottom-right causal (query i of a sequence with q_len queries and seq_len keys sits at
 position seq_len - q_len + i and sees keys j <= position), sliding window (keys j >=
@@ -61,6 +64,7 @@ def attend(
     mma_mantissa_bits: int | None = None,
     promote_every: int = 1,
     p_ref: str = "running",
+    l_from_p: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence: q [Lq, Hq, D], k/v [Lk, Hkv, D] (already dequantized, any float dtype).
 
@@ -85,11 +89,11 @@ def attend(
     s = s.masked_fill(~visible, float("-inf"))
     sink_logit = None if sinks is None else sinks.to(s.dtype)[:, None].expand(hq, lq)
     p_round = FP8_DTYPE if p_fp8 else p_dtype
-    if p_round is None and mma_mantissa_bits is None:
+    if p_round is None and mma_mantissa_bits is None and not l_from_p:
         out, lse = _softmax_pv(s, v, sink_logit)
     else:
         out, lse = _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_bits, promote_every,
-                                     p_ref)
+                                     p_ref, l_from_p)
     return out.to(q.dtype), lse.to(q.dtype)
 
 
@@ -108,11 +112,14 @@ def _softmax_pv(s, v, sink_logit):
 
 
 def _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_bits, promote_every,
-                      p_ref="running"):
+                      p_ref="running", l_from_p=False):
     """Online softmax over key tiles, as the tensor-core prefill kernel computes it. acc, part
-    and l are relative to exp(m_ref); m is the running max."""
+    and l are relative to exp(m_ref); m is the running max. l_from_p: V gets a column of ones,
+    and l is that column of the accumulator (the sum of the rounded P, accumulated as O is)."""
     if p_ref not in ("running", "tile"):
         raise ValueError(f"p_ref must be 'running' or 'tile', got {p_ref!r}")
+    if l_from_p:
+        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     hq, lq, lk = s.shape
     span = P_REF_SPAN_LOG2 * math.log(2.0)
     m = torch.full((hq, lq), float("-inf"), dtype=s.dtype, device=s.device)
@@ -144,6 +151,8 @@ def _softmax_pv_tiled(s, v, sink_logit, p_round, p_scale, block_n, mma_mantissa_
             acc, part = acc + part, torch.zeros_like(part)
         m, m_ref = m_new, r_new
     m = m_ref
+    if l_from_p:
+        l, acc = acc[..., -1], acc[..., :-1]
     if sink_logit is not None:
         m_new = torch.maximum(m, sink_logit)
         alpha = torch.exp(m - m_new)
@@ -192,6 +201,9 @@ def prefill(
     if precision == "fp8_mma":
         emulation.setdefault("p_fp8", fp8)
         emulation.setdefault("p_ref", "tile")  # the prefill kernel's (softmax_tile)
+        # FP8 head_dim 64 / 128 promoting every tile: row sums of the rounded P on the tensor
+        # cores (PrefillConfig::kSumRows); other intervals sum P in FP32
+        emulation.setdefault("l_from_p", fp8 and query.shape[-1] != 256 and emulation.get("promote_every", 1) == 1)
         if not fp8:  # 16-bit caches: the tensor-core prefill rounds P to the model dtype
             emulation.setdefault("p_dtype", query.dtype)
     cu = cu_seqlens_q.tolist()
