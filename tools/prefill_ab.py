@@ -1,0 +1,51 @@
+"""A/B timing of FIREATTN's FP8 prefill: TFLOP/s (do_bench median, as bench prefill) on bench
+prefill's shapes, for one build (run it from each variant tree with its own PYTHONPATH and a --tag);
+--fa3 adds vLLM's FA3 FP8 on the same shapes. JSON lines with --json.
+
+  PYTHONPATH=/tmp/v/base python3 tools/prefill_ab.py --dims 64 128 --tag base --json ab.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from vllm_fireattn import ops
+from vllm_fireattn.bench.kernels import (PREFILL_CHUNK_SHAPES, PREFILL_HEADS, PREFILL_SHAPES, _bench, _fa3, _ours,
+                                         _setup, prefill_flops)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dims", type=int, nargs="+", default=[64])
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--fa3", action="store_true", help="also time FA3 FP8")
+    ap.add_argument("--json", help="append records here")
+    a = ap.parse_args()
+    shapes = [(b, n, n, c) for b, n, c in PREFILL_SHAPES] + [(b, q, n, True) for b, q, n in PREFILL_CHUNK_SHAPES]
+    for d in a.dims:
+        hq, hkv = PREFILL_HEADS[d]
+        for batch, q_len, seqlen, causal in shapes:
+            s = _setup(batch, seqlen, q_len, hq, hkv, d)
+            flops = prefill_flops(batch, q_len, seqlen, hq, d, causal)
+            impls = [("fireattn", lambda: _ours(s, ops.prefill, q_len, causal, True, d, 1))]
+            if a.fa3:
+                impls.append(("fa3", lambda: _fa3(s, q_len, seqlen, causal, True, d)))
+            for name, make in impls:
+                ms = _bench(make())
+                rec = dict(tag=a.tag, impl=name, head_dim=d, batch=batch, q_len=q_len, seqlen=seqlen,
+                           causal=causal, ms=ms, tflops=flops / ms / 1e9,
+                           wide=os.environ.get("FIREATTN_PREFILL_WIDE", "auto"))
+                print(f"{a.tag:>10} {name:>8} D{d} {batch}x{q_len}/{seqlen} {'c' if causal else 'f'}: "
+                      f"{rec['tflops']:7.1f} TFLOP/s")
+                if a.json:
+                    with open(a.json, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+            del s
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
