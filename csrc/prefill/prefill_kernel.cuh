@@ -716,7 +716,8 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
           uint32_t r[4];
           ldsm_x4(ld_lane + kg * 16 * KTile::CW + (dg * 32 / KTile::CW) * (kBlockN * KTile::CW) + ((dg * 32 % KTile::CW) ^ ld_x), r);
           // Keys past VtTile::CW bytes (256-key tiles) sit in the tile's next column chunk.
-          const uint32_t st_key = (kg * 16 / VtTile::CW) * (Cfg::kVtRows * VtTile::CW) + ((kg * 16 % VtTile::CW) ^ st_sw);
+          const uint32_t st_key =
+              (kg * 16 / VtTile::CW) * (Cfg::kVtRows * VtTile::CW) + ((kg * 16 % VtTile::CW) ^ st_sw);
           stsm_x4_trans(st_lane + dg * 32 * VtTile::CW + st_key, prmt(r[0], r[1], sel_x), prmt(r[0], r[1], sel_y),
                         prmt(r[2], r[3], sel_x), prmt(r[2], r[3], sel_y));
         }
@@ -882,15 +883,16 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
     const TileMask tm{k0 + 2 * tq, kv_end, {pos[0], pos[1]}, p.causal, p.window_left};
     constexpr int kSoftmaxChains = kFp8 ? 2 : 1;  // see softmax_tile
     constexpr int kParts = kWide ? 2 : 1;
+    constexpr bool kRowSums = !kSumOnTc;
     if (p.softcap > 0.f)
-      softmax_tile<kSRegs, true, true, kSoftmaxChains, kParts, !kSumOnTc>(s, m, m_ref, l, alpha, beta, scale_log2, score_scale,
-                                                               p.softcap, tm);
+      softmax_tile<kSRegs, true, true, kSoftmaxChains, kParts, kRowSums>(s, m, m_ref, l, alpha, beta, scale_log2,
+                                                                         score_scale, p.softcap, tm);
     else if (need_mask)
-      softmax_tile<kSRegs, true, false, kSoftmaxChains, kParts, !kSumOnTc>(s, m, m_ref, l, alpha, beta, scale_log2, score_scale,
-                                                                p.softcap, tm);
+      softmax_tile<kSRegs, true, false, kSoftmaxChains, kParts, kRowSums>(s, m, m_ref, l, alpha, beta, scale_log2,
+                                                                          score_scale, p.softcap, tm);
     else
-      softmax_tile<kSRegs, false, false, kSoftmaxChains, kParts, !kSumOnTc>(s, m, m_ref, l, alpha, beta, scale_log2,
-                                                                 score_scale, p.softcap, tm);
+      softmax_tile<kSRegs, false, false, kSoftmaxChains, kParts, kRowSums>(s, m, m_ref, l, alpha, beta, scale_log2,
+                                                                           score_scale, p.softcap, tm);
   };
 
   // wgmma descriptors, built once: per tile only the stage and k-step offsets are added (the
