@@ -67,6 +67,8 @@ def prefill(
 
     promote_every (FP8 caches): KV tiles between promotions of the FP8 tensor-core PV
     accumulator into the FP32 one (0: only at the end; head_dim 256 takes 0 or 1).
+    lse [Hq, T] (natural log, optional): with an FP8 cache at head_dim 64 / 128 and promote_every
+    1, of the row sums of the e4m3-rounded P that weigh V (README, Numerics); else of FP32 sums.
     max_seq_len: the longest sequence's keys, when known (0: unknown); it only picks between
     loops with the same numerics (FP8 head_dim 64: 256-key tiles for long cached contexts)."""
     require()
