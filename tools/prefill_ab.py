@@ -13,8 +13,7 @@ import os
 import torch
 
 from vllm_fireattn import ops
-from vllm_fireattn.bench.kernels import (PREFILL_CHUNK_SHAPES, PREFILL_HEADS, PREFILL_SHAPES, _bench, _fa3, _ours,
-                                         _setup, prefill_flops)
+from vllm_fireattn.bench.kernels import PREFILL_HEADS, _bench, _fa3, _ours, _setup, prefill_flops, prefill_shapes
 
 
 def main() -> None:
@@ -24,7 +23,7 @@ def main() -> None:
     ap.add_argument("--fa3", action="store_true", help="also time FA3 FP8")
     ap.add_argument("--json", help="append records here")
     a = ap.parse_args()
-    shapes = [(b, n, n, c) for b, n, c in PREFILL_SHAPES] + [(b, q, n, True) for b, q, n in PREFILL_CHUNK_SHAPES]
+    shapes = prefill_shapes()
     for d in a.dims:
         hq, hkv = PREFILL_HEADS[d]
         for batch, q_len, seqlen, causal in shapes:

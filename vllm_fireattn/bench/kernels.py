@@ -27,6 +27,11 @@ DECODE_SHAPES = [(8, 32768), (1, 131072), (8, 8192), (64, 4096), (1, 32768), (8,
                  (32, 32768)]
 
 
+def prefill_shapes() -> list[tuple[int, int, int, bool]]:
+    """bench prefill's (batch, q_len, seqlen, causal): the squares, then the chunk rows."""
+    return [(b, n, n, c) for b, n, c in PREFILL_SHAPES] + [(b, q, n, True) for b, q, n in PREFILL_CHUNK_SHAPES]
+
+
 def _bench(fn) -> float:
     from triton.testing import do_bench
 
@@ -127,9 +132,8 @@ def run(bench: str, quick: bool = False) -> list[dict]:
     for d, (hq, hkv) in PREFILL_HEADS.items():
         if d not in ops.compiled_head_dims():
             continue
-        if bench == "prefill":  # (batch, q_len, seqlen, causal)
-            shapes = [(b, n, n, c) for b, n, c in PREFILL_SHAPES]
-            shapes += [(b, q, n, True) for b, q, n in PREFILL_CHUNK_SHAPES]
+        if bench == "prefill":
+            shapes = prefill_shapes()
         else:
             shapes = [(b, 1, n, True) for b, n in DECODE_SHAPES]
         for batch, q_len, seqlen, causal in shapes[:2] if quick else shapes:
