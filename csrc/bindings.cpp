@@ -20,6 +20,8 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache
             const std::optional<at::Tensor>& lse, int64_t num_splits);
 int64_t decode_ctas_per_sm(int64_t head_dim, bool fp8, bool fp16);
 int64_t prefill_key_tile(int64_t head_dim, bool fp8);
+int64_t prefill_persistent_grid(int64_t max_query_len, int64_t num_tokens, int64_t num_seqs, int64_t num_q_heads,
+                                int64_t num_kv_heads);
 bool prefill_wide_tiles(int64_t head_dim, bool fp8, int64_t max_query_len, int64_t max_seq_len, int64_t promote_every);
 }  // namespace fireattn
 
@@ -41,6 +43,8 @@ TORCH_LIBRARY(fireattn, m) {
   m.def("decode_ctas_per_sm(int head_dim, bool fp8, bool fp16) -> int", &fireattn::decode_ctas_per_sm);
   // Keys per prefill tile (the tests' numerics emulation follows the build).
   m.def("prefill_key_tile(int head_dim, bool fp8) -> int", &fireattn::prefill_key_tile);
+  m.def("prefill_persistent_grid(int max_query_len, int num_tokens, int num_seqs, int num_q_heads, int num_kv_heads) -> int",
+        &fireattn::prefill_persistent_grid);
   m.def("prefill_wide_tiles(int head_dim, bool fp8, int max_query_len, int max_seq_len=0, int promote_every=1) -> bool",
         &fireattn::prefill_wide_tiles);
 }

@@ -44,7 +44,7 @@ def generate(out_dir: Path) -> list[Path]:
                      f"launch_decode<{cfg}>(const DecodeParams&, cudaStream_t);\n"
                      f"template int decode_ctas_per_sm<{cfg}>()"),
                     ("prefill", "prefill/prefill_kernel.cuh",
-                     f"launch_prefill<{cfg}>(const AttentionParams&, int, int, bool, cudaStream_t)"),
+                     f"launch_prefill<{cfg}>(const AttentionParams&, int, int, int, bool, cudaStream_t)"),
                 ):
                     path = out_dir / f"{name}_{dt}_{kind}_d{d}.cu"
                     _write_if_changed(

@@ -16,7 +16,7 @@
 namespace fireattn {
 
 #define FIREATTN_DECLARE_PREFILL(QT, FP8, D) \
-  extern template void launch_prefill<QT, FP8, D>(const AttentionParams&, int, int, bool, cudaStream_t);
+  extern template void launch_prefill<QT, FP8, D>(const AttentionParams&, int, int, int, bool, cudaStream_t);
 FIREATTN_ATTENTION_CONFIGS(FIREATTN_DECLARE_PREFILL)
 #undef FIREATTN_DECLARE_PREFILL
 
@@ -69,16 +69,27 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::ScalarType qt = query.scalar_type();
   TORCH_CHECK(max_seq_len >= 0, "fireattn.prefill: max_seq_len must be >= 0 (0: unknown), got ", num(max_seq_len));
+  // Work items of the kernel (row tiles of 128 rows x sequences x kv heads) are numbered in an int.
+  const int64_t row_tiles = (max_query_len * (p.num_q_heads / p.num_kv_heads) + 127) / 128;
+  TORCH_CHECK(row_tiles * p.num_seqs * p.num_kv_heads < (int64_t{1} << 31),
+              "fireattn.prefill: row tiles (max_query_len x GQA group / 128) x sequences x kv heads must stay below 2^31");
   const bool wide = prefill_wide_tiles(head_dim, fp8, max_query_len, max_seq_len, promote_every);
 #define FIREATTN_TRY_PREFILL(QT, FP8, D)                                                                           \
   if (qt == scalar_type_of<QT>() && fp8 == FP8 && head_dim == D) {                                                 \
-    launch_prefill<QT, FP8, D>(p, static_cast<int>(max_query_len), static_cast<int>(promote_every), wide, stream); \
+    launch_prefill<QT, FP8, D>(p, static_cast<int>(max_query_len), static_cast<int>(query.size(0)), static_cast<int>(promote_every), wide, stream); \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                                \
     return;                                                                                                        \
   }
   FIREATTN_ATTENTION_CONFIGS(FIREATTN_TRY_PREFILL)
 #undef FIREATTN_TRY_PREFILL
   fail_no_kernel("prefill", head_dim, qt, fp8);
+}
+
+// CTAs of a persistent prefill launch on the current device, 0 when it takes one CTA per work
+// item (prefill_kernel.cuh, PrefillSchedule); an op, so tests can tell which path a shape takes.
+int64_t prefill_persistent_grid(int64_t max_query_len, int64_t num_tokens, int64_t num_seqs, int64_t num_q_heads,
+                                int64_t num_kv_heads) {
+  return prefill_persistent_ctas(max_query_len, num_tokens, num_seqs, num_q_heads, num_kv_heads);
 }
 
 // Keys per tile of the prefill kernel for (head_dim, cache kind): the tile in which P is rounded

@@ -21,7 +21,8 @@
 // FP8 head_dim 64 also has a 256-key loop (kWide) that keeps each 128-key half its own P
 // reference and accumulator: the same numerics, less per-tile overhead (see PrefillConfig).
 //
-// Work split: one CTA (3 warpgroups, 128 rows) per (row tile, sequence, kv head). A row is a
+// Work split: a CTA (3 warpgroups, 128 rows) computes one (row tile, sequence, kv head) item at a
+// time: one item per CTA, or, with more items than SMs, a persistent grid (PrefillSchedule). A row is a
 // (query token, query head of this kv head's group) pair, so a GQA group shares every K/V
 // byte. Warpgroup 0 is the producer: K into a swizzled K-major tile and V into a staging tile
 // (by TMA, see "TMA producer" below), a 4-stage mbarrier ring (16-bit caches: 3 at head_dim 128
@@ -56,6 +57,7 @@
 #include <math_constants.h>
 #include <stdint.h>
 
+#include <atomic>
 #include <type_traits>
 
 #include "common/attention_params.h"
@@ -83,6 +85,11 @@ constexpr int kProducerExperiment = FIREATTN_PREFILL_PRODUCER_EXPERIMENT;
 // PrefillConfig::kSumRows: FP8 row sums of P on the tensor cores (0: in the softmax, FP32).
 #ifndef FIREATTN_PREFILL_SUM_ON_TC
 #define FIREATTN_PREFILL_SUM_ON_TC 1
+#endif
+// FIREATTN_PREFILL_PERSISTENT (default 1): one CTA per SM taking work items from an atomic
+// counter (PrefillSchedule); 0: one CTA per item (for A/B timing).
+#ifndef FIREATTN_PREFILL_PERSISTENT
+#define FIREATTN_PREFILL_PERSISTENT 1
 #endif
 // K / V ring depth of FP8 caches (16-bit caches: PrefillConfig::kStages). 4: H200, same run,
 // 1-2% faster than 3 at head_dim 128/256 (D128 1x16k 677 vs 670 TFLOP/s), equal at 64.
@@ -161,7 +168,8 @@ struct PrefillConfig {
   static constexpr int kVStageBytes = kBlockN * kRowBytes;
   static constexpr int kVtBytes = kDirect16 ? 0 : kVtRows * kBlockN * kElem;  // V^T tile of the transposing paths
   static constexpr int kStageBytes = kKBytes + kVStageBytes + kVtBytes;
-  static constexpr int kBarrierBytes = 3 * kStages * 8;
+  // landed / ready / empty per stage, item_full / item_empty per item slot, the 2 item slots.
+  static constexpr int kBarrierBytes = 3 * kStages * 8 + 4 * 8 + 2 * 4;
   static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + kBarrierBytes;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_90");
   static_assert(kQBytes % 1024 == 0 && kKBytes % 1024 == 0 && kVtBytes % 1024 == 0, "tiles must stay 1024-aligned");
@@ -219,6 +227,11 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
   return v;
 }
 __device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
@@ -488,8 +501,34 @@ template <typename QT, bool kFp8, int N>
 using WgmmaFor = std::conditional_t<kFp8, WgmmaFp8<N>,
                                     std::conditional_t<std::is_same_v<QT, __nv_bfloat16>, WgmmaBf16<N>, WgmmaF16<N>>>;
 
+// Work items are (row tile, sequence, kv head), numbered row tile fastest, from the last row tile
+// down (the latest causal rows see the most keys: heaviest first), then sequence, then kv head:
+// the order in which the hardware dispatched the one-CTA-per-item grid, so the CTAs running at
+// once share a kv head's pages in L2 (ordering by row tile first, all heads' heaviest first,
+// lost 4-9% on 16k-token chunks of 64k / 128k keys at head_dim 128, H200).
+// Persistent launches (counters != nullptr; prefill_persistent_ctas): one CTA per SM; warp 0 of
+// each takes item blockIdx.x first, then the next from an atomic counter (dynamic: the heaviest
+// items go first and the CTA that frees up takes the next), and passes it to the other warps
+// through shared memory. A CTA's next item then starts loading (and transposing V) while its
+// current one computes, since the ring's stage count runs on across items; no CTA launch,
+// prologue, pipeline fill or epilogue sits between items. H200, same call, TFLOP/s against one
+// CTA per item (causal): head_dim 64 1 x 4k / 4 x 4k / 8 x 4k / 1 x 16k 353 / 362 / 365 / 464 vs
+// 338 / 346 / 348 / 452, head_dim 128 524 / 545 / 549 / 692 vs 511 / 525 / 533 / 679, head_dim 256
+// 602 / 633 / 635 / 732 vs 598 / 620 / 621 / 732. counters[0]: items taken past the grid's first
+// ones, counters[1]: CTAs done; the last CTA done puts both back to 0, so a launch needs no reset
+// (a slot of 64 per launch, rotated on the host, keeps concurrent launches apart). Otherwise
+// (few items, a mostly empty varlen grid, the 256-key loop) the grid is (row tiles, sequences,
+// kv heads), one item per CTA.
+struct PrefillSchedule {
+  int* counters;
+  int num_items, m_tiles;
+};
+constexpr int kPrefillCounterSlots = 64;
+static __device__ int prefill_counters[kPrefillCounterSlots][2];
+
 template <typename QT, bool kFp8, int D, bool kEveryTile, bool kWide>
-__global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThreads, 1) prefill_kernel(const AttentionParams p, const int promote_every
+__global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThreads, 1) prefill_kernel(const AttentionParams p, const int promote_every,
+                                                          const PrefillSchedule sched
 #if FIREATTN_PREFILL_TMA
                                                           ,
                                                           const __grid_constant__ CUtensorMap kv_map, const int use_tma
@@ -536,16 +575,89 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   auto v_staging = [&](int st) { return stages + st * Cfg::kStageBytes + Cfg::kKBytes; };
   auto vt_tile = [&](int st) { return stages + st * Cfg::kStageBytes + Cfg::kKBytes + Cfg::kVStageBytes; };
 
-  // Heavy (late, causal) row tiles first.
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int seq = blockIdx.y, kv_head = blockIdx.z;
-  const int row0 = m_block * kBlockM;
-  const RowTile rt(p, seq, row0, kBlockM);
-  if (rt.empty) return;
-  const int group = rt.group, q_begin = rt.q_begin, num_rows = rt.num_rows, context = rt.context;
-  const int first_pos = rt.first_pos, last_pos = rt.last_pos, kv_end = rt.kv_end, kv_begin = rt.kv_begin;
-  const int tile0 = kv_begin / kBlockN * kBlockN;
-  const int num_tiles = kv_end > tile0 ? (kv_end - tile0 + kBlockN - 1) / kBlockN : 0;
+  // Item slots: warp 0 takes the CTA's items and publishes them one at a time (item_full); the
+  // 11 other warps (transposers and consumers) each read an item and release its slot (item_empty).
+  constexpr int kItemReaders = 3 + 8;
+  auto item_full = [&](int sl) { return bars + 8 * (3 * kStages + sl); };
+  auto item_empty = [&](int sl) { return bars + 8 * (3 * kStages + 2 + sl); };
+  const uint32_t item_slots = bars + 8 * (3 * kStages + 4);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  // Item k of this CTA (lane 0 of warp 0), -1 when there is none; items whose row tile starts past
+  // its sequence's rows (varlen batches) are skipped here.
+  auto take_item = [&](int k) -> int {
+    for (int n = k;; ++n) {
+      int idx;
+      if (sched.counters == nullptr) idx = n == 0 ? (blockIdx.z * p.num_seqs + blockIdx.y) * sched.m_tiles + blockIdx.x : -1;
+      else idx = n == 0 ? blockIdx.x : atomicAdd(sched.counters, 1) + gridDim.x;
+      if (idx < 0 || idx >= sched.num_items) return -1;
+      const int seq = idx / sched.m_tiles % p.num_seqs, m_block = sched.m_tiles - 1 - idx % sched.m_tiles;
+      if (m_block * kBlockM < (p.cu_seqlens_q[seq + 1] - p.cu_seqlens_q[seq]) * group) return idx;
+    }
+  };
+  auto publish_item = [&](int k) -> int {  // warp 0; every lane gets the item
+    const int sl = k & 1;
+    if (k >= 2) mbar_wait(item_empty(sl), ((k >> 1) - 1) & 1);
+    int idx = 0;
+    if (lane == 0) idx = take_item(k);
+    idx = __shfl_sync(0xffffffffu, idx, 0);
+    if (lane == 0) {
+      sts32(item_slots + 4 * sl, static_cast<uint32_t>(idx));
+      mbar_arrive(item_full(sl));
+      if (idx < 0 && sched.counters != nullptr) {
+        __threadfence();  // this CTA's counter increments before its done count
+        if (atomicAdd(sched.counters + 1, 1) == static_cast<int>(gridDim.x) - 1) {
+          atomicExch(sched.counters, 0);
+          atomicExch(sched.counters + 1, 0);
+        }
+      }
+    }
+    __syncwarp();
+    return idx;
+  };
+  auto read_item = [&](int k) -> int {  // the other warps
+    const int sl = k & 1;
+    mbar_wait(item_full(sl), (k >> 1) & 1);
+    const int idx = static_cast<int>(lds32(item_slots + 4 * sl));
+    __syncwarp();
+    if (lane == 0) mbar_arrive(item_empty(sl));
+    return idx;
+  };
+  // kItemLoop false (the 256-key loop, which prefill.cu takes for long cached contexts, where a
+  // CTA's item is hundreds of tiles long): one item per CTA from blockIdx, no item slots. Through
+  // the slots, persistent or not, that loop ran 3-4% slower (H200, 1 x 16k chunks of 64k / 128k
+  // keys, head_dim 64: 545 / 550 TFLOP/s vs 560 / 568 before the item loop existed; with the V
+  // transposes left out both ran alike, so the transposers took the loss); this way 550 / 559.
+  constexpr bool kItemLoop = !kWide;
+  // publisher: warp 0 (the consumers must not even see publish_item's divergent code: ptxas then
+  // serialized every wgmma of the head_dim 256 kernel).
+  auto next_item = [&](int k, bool publisher) -> int {
+    if constexpr (kItemLoop) {
+      return publisher ? publish_item(k) : read_item(k);
+    } else {
+      const int seq = blockIdx.y, m_block = sched.m_tiles - 1 - blockIdx.x;
+      const bool rows = m_block * kBlockM < (p.cu_seqlens_q[seq + 1] - p.cu_seqlens_q[seq]) * group;
+      return k == 0 && rows ? (blockIdx.z * p.num_seqs + blockIdx.y) * sched.m_tiles + blockIdx.x : -1;
+    }
+  };
+  // The item's row tile and the keys it sees.
+  struct Item {
+    int m_block, seq, kv_head, row0;
+    int q_begin, num_rows, context, first_pos, last_pos, kv_begin, kv_end, tile0, num_tiles;
+  };
+  auto item_of = [&](int idx) {
+    Item it;
+    it.m_block = sched.m_tiles - 1 - idx % sched.m_tiles;
+    it.seq = idx / sched.m_tiles % p.num_seqs;
+    it.kv_head = idx / sched.m_tiles / p.num_seqs;
+    it.row0 = it.m_block * kBlockM;
+    const RowTile rt(p, it.seq, it.row0, kBlockM);
+    it.q_begin = rt.q_begin, it.num_rows = rt.num_rows, it.context = rt.context;
+    it.first_pos = rt.first_pos, it.last_pos = rt.last_pos, it.kv_end = rt.kv_end, it.kv_begin = rt.kv_begin;
+    it.tile0 = it.kv_begin / kBlockN * kBlockN;
+    it.num_tiles = it.kv_end > it.tile0 ? (it.kv_end - it.tile0 + kBlockN - 1) / kBlockN : 0;
+    return it;
+  };
 
   if (threadIdx.x == 0) {
     for (int st = 0; st < kStages; ++st) {
@@ -556,6 +668,10 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
       }
       mbar_init(ready(st), tma ? Cfg::kProducerThreads - 32 : Cfg::kProducerThreads);  // TMA: warps 1-3 transpose
       mbar_init(empty(st), Cfg::kThreads - Cfg::kProducerThreads);
+    }
+    for (int sl = 0; sl < 2; ++sl) {
+      mbar_init(item_full(sl), 1);
+      mbar_init(item_empty(sl), kItemReaders);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -569,9 +685,9 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   }
   __syncthreads();
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp < 4) {
-    // ======== Producer warpgroup: K and V into stage t % kStages (TMA or cp.async), then V -> V^T.
+    // ======== Producer warpgroup: K and V of the item's tile t into stage ct % kStages (ct: the
+    // CTA's tile count over all its items; TMA or cp.async), then V -> V^T.
     setmaxnreg_dec<Cfg::kProducerRegs>();
     const int tid = threadIdx.x;
     constexpr int kParts = kRowBytes / 16;
@@ -579,15 +695,23 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
     static_assert(kBlockN * kParts % Cfg::kProducerThreads == 0, "whole load iterations");
     const int bs = p.kv.block_size;
     const int block_shift = (bs & (bs - 1)) == 0 ? __ffs(bs) - 1 : -1;
-    const int32_t* btab = p.kv.block_table + seq * p.kv.block_table_stride;
-    const uint8_t* head_base = p.kv.base + kv_head * p.kv.head_stride;
+    // The current item's keys and pages (set_item).
+    int kv_head = 0, tile0 = 0, kv_begin = 0, kv_end = 0, num_tiles = 0;
+    const int32_t* btab = nullptr;
+    const uint8_t* head_base = nullptr;
+    auto set_item = [&](int idx) {
+      const Item it = item_of(idx);
+      kv_head = it.kv_head, tile0 = it.tile0, kv_begin = it.kv_begin, kv_end = it.kv_end, num_tiles = it.num_tiles;
+      btab = p.kv.block_table + it.seq * p.kv.block_table_stride;
+      head_base = p.kv.base + kv_head * p.kv.head_stride;
+    };
 #if FIREATTN_PREFILL_TMA
     if constexpr (kTmaLayout) {
       if (tma && tid == 0) prefetch_tensormap(&kv_map);
     }
 #endif
-    auto issue = [&](int t) {
-      const int st = t % kStages;
+    auto issue = [&](unsigned ct, int t) {  // ct: the CTA's tile count, t: the item's
+      const int st = ct % kStages;
       const int k0 = tile0 + t * kBlockN;
       const uint32_t k_dst = smem_addr(k_tile(st));
       const uint32_t v_dst = smem_addr(v_staging(st));
@@ -659,9 +783,9 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
     // warpgroup stalled on `ready` whenever the two drifted apart (ncu: 8% of consumer time).
     const int tr_warp0 = tma ? 1 : 0, tr_warps = tma ? 3 : 4;
     const int tr_tid = tid - 32 * tr_warp0, tr_threads = 32 * tr_warps;
-    auto transpose = [&](int t) {
-      const int st = t % kStages;
-      mbar_wait(landed(st), (t / kStages) & 1);
+    auto transpose = [&](unsigned ct, int t) {
+      const int st = ct % kStages;
+      mbar_wait(landed(st), (ct / kStages) & 1);
       const uint32_t src = smem_addr(v_staging(st));
       const uint32_t dst = smem_addr(vt_tile(st));
       if constexpr (kTmaLayout) {
@@ -768,24 +892,29 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
       fence_proxy_async();  // K (cp.async) and V^T (st.shared) -> visible to wgmma
       mbar_arrive(ready(st));
     };
-    if (tma) {
-      if (warp == 0) {
-        for (int t = 0; t < num_tiles; ++t) {
-          if (t >= kStages) mbar_wait(empty(t % kStages), (t / kStages - 1) & 1);
-          issue(t);
+    unsigned ct = 0;  // unsigned: the stage and phase divisions by kStages are shifts and masks
+    for (int k = 0;; ++k, ct += num_tiles) {
+      const int idx = next_item(k, warp == 0);
+      if (idx < 0) return;
+      set_item(idx);
+      if (tma) {
+        if (warp == 0) {
+          for (int t = 0; t < num_tiles; ++t) {
+            if (ct + t >= kStages) mbar_wait(empty((ct + t) % kStages), ((ct + t) / kStages - 1) & 1);
+            issue(ct + t, t);
+          }
+        } else {
+          for (int t = 0; t < num_tiles; ++t) transpose(ct + t, t);
         }
-      } else {
-        for (int t = 0; t < num_tiles; ++t) transpose(t);
+        continue;
       }
-      return;
+      for (int t = 0; t < num_tiles; ++t) {
+        if (ct + t >= kStages) mbar_wait(empty((ct + t) % kStages), ((ct + t) / kStages - 1) & 1);
+        issue(ct + t, t);
+        if (t >= 1) transpose(ct + t - 1, t - 1);  // keeps one more tile's copies in flight
+      }
+      if (num_tiles > 0) transpose(ct + num_tiles - 1, num_tiles - 1);
     }
-    for (int t = 0; t < num_tiles; ++t) {
-      if (t >= kStages) mbar_wait(empty(t % kStages), (t / kStages - 1) & 1);
-      issue(t);
-      if (t >= 1) transpose(t - 1);  // keeps one more tile's copies in flight
-    }
-    if (num_tiles > 0) transpose(num_tiles - 1);
-    return;
   }
 
   // ======== Consumer warpgroups: 64 rows each.
@@ -793,109 +922,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   const int wg = warp / 4 - 1;
   const int ctid = threadIdx.x - Cfg::kProducerThreads - wg * 128;  // 0..127 inside the warpgroup
 
-  const float q_scale = kFp8 ? p.q_scale[kv_head * p.q_scale_stride] : 1.f;
-  const float k_scale = kFp8 ? p.k_scale[kv_head * p.k_scale_stride] : 1.f;
-  const float v_scale = kFp8 ? p.v_scale[kv_head * p.v_scale_stride] : 1.f;
-  constexpr float kLog2e = 1.4426950408889634f;
-  const float score_scale = p.softmax_scale * q_scale * k_scale;  // natural-log units
-  const float scale_log2 = score_scale * kLog2e;
-
-  // ---- Q: this warpgroup's 64 rows, quantized in registers, stored swizzled.
-  {
-    constexpr int kPieces = D / 16;
-    const QT* q = static_cast<const QT*>(p.q);
-    // x / q_scale as RN(1 / q_scale) and two FMA remainder corrections (Markstein): the
-    // correctly rounded quotient without __fdiv_rn's per-element reciprocal refinement, range
-    // check and slow-path branch (~1.4k prologue instructions per thread, serial before the first
-    // QK^T; it weighs most on short sequences). |x| is first clamped to 1024 * q_scale (both sides
-    // saturate e4m3 beyond 448 * q_scale), so nothing overflows. Checked against exact rational
-    // arithmetic (tools/q_div_check.py): equal to RN(x / s), signed zeros included (a NaN query
-    // saturates instead of staying NaN).
-    // H200, same run, FP8 cache, causal TFLOP/s 4 x 4k / 8 x 2k / 1 x 1k: head_dim 128 524 / 401 /
-    // 193 against 501 / 377 / 181 with __fdiv_rn, head_dim 256 603 / 472 / 212 against 582 / 445 / 198.
-    const float q_rcp = __frcp_rn(q_scale), q_lim = 1024.f * q_scale;
-    auto q_div = [&](float x) {
-      x = fminf(fmaxf(x, -q_lim), q_lim);
-      float y = __fmul_rn(x, q_rcp);
-      y = fmaf(fmaf(-q_scale, y, x), q_rcp, y);
-      return copysignf(fmaf(fmaf(-q_scale, y, x), q_rcp, y), x);  // -0 / s stays -0 (the FMAs give +0)
-    };
-    for (int i = ctid; i < 64 * kPieces; i += 128) {
-      const int r = wg * 64 + i / kPieces, piece = i % kPieces;
-      const int row = row0 + r;
-      if constexpr (kFp8) {
-        uint32_t w[4] = {0u, 0u, 0u, 0u};
-        if (row < num_rows) {
-          const int tok = q_begin + row / group, head = kv_head * group + row % group;
-          const uint4* src = reinterpret_cast<const uint4*>(q + tok * p.q_tok_stride + head * p.q_head_stride + piece * 16);
-          uint4 raw[2] = {src[0], src[1]};
-          const QT* h = reinterpret_cast<const QT*>(raw);
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-            w[j] = pack_e4m3x4(q_div(to_float(h[4 * j])), q_div(to_float(h[4 * j + 1])),
-                               q_div(to_float(h[4 * j + 2])), q_div(to_float(h[4 * j + 3])));
-        }
-        sts128(smem_addr(q_s) + QTile::offset(r, piece * 16), make_uint4(w[0], w[1], w[2], w[3]));
-      } else {  // 16-bit: the query as it is, 16 elements = 32 bytes
-        uint4 raw[2] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u)};
-        if (row < num_rows) {
-          const int tok = q_begin + row / group, head = kv_head * group + row % group;
-          const uint4* src = reinterpret_cast<const uint4*>(q + tok * p.q_tok_stride + head * p.q_head_stride + piece * 16);
-          raw[0] = src[0];
-          raw[1] = src[1];
-        }
-        sts128(smem_addr(q_s) + QTile::offset(r, piece * 32), raw[0]);
-        sts128(smem_addr(q_s) + QTile::offset(r, piece * 32 + 16), raw[1]);
-      }
-    }
-    fence_proxy_async();
-    named_barrier(1 + wg, 128);
-  }
-
-  // ---- This thread's two rows (accumulator rows g and g + 8 of its warp).
-  const int g = lane / 4, tq = lane % 4;
-  int pos[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = min(row0 + wg * 64 + (warp % 4) * 16 + g + 8 * h, num_rows - 1);  // pad rows: any valid pos
-    pos[h] = context + row / group;
-  }
-
-  float o_main[kPvSlices][kPvRegs];
-  float o_part[kPvRegs];  // tensor-core accumulator between promotions
-#pragma unroll
-  for (int sl = 0; sl < kPvSlices; ++sl)
-#pragma unroll
-    for (int i = 0; i < kPvRegs; ++i) o_main[sl][i] = 0.f;
-#pragma unroll
-  for (int i = 0; i < kPvRegs; ++i) o_part[i] = 0.f;
-  float m[2] = {-CUDART_INF_F, -CUDART_INF_F};  // running max, log2 units
-  float m_ref[2] = {-CUDART_INF_F, -CUDART_INF_F};  // what O and l are relative to (softmax_tile)
-  float l[2] = {0.f, 0.f};                      // this thread's share of the row sums of P * 256
-  float part_alpha[2] = {1.f, 1.f};             // o_main's rescale owed since the last promotion
-  bool part_empty = true;
-
-  // Online softmax of the key tile at k0; masks only on tiles that cross an edge.
-  // beta: half 1's rescale into m_ref units (256-key tiles, kParts 2; see softmax_tile).
-  auto online_softmax = [&](float(&s)[kSRegs], int k0, float(&alpha)[2], float(&beta)[2]) {
-    const bool need_mask = k0 + kBlockN > kv_end || (p.causal && k0 + kBlockN - 1 > first_pos) ||
-                           (p.window_left >= 0 && k0 < last_pos - p.window_left);
-    const TileMask tm{k0 + 2 * tq, kv_end, {pos[0], pos[1]}, p.causal, p.window_left};
-    constexpr int kSoftmaxChains = kFp8 ? 2 : 1;  // see softmax_tile
-    constexpr int kParts = kWide ? 2 : 1;
-    constexpr bool kRowSums = !kSumOnTc;
-    if (p.softcap > 0.f)
-      softmax_tile<kSRegs, true, true, kSoftmaxChains, kParts, kRowSums>(s, m, m_ref, l, alpha, beta, scale_log2,
-                                                                         score_scale, p.softcap, tm);
-    else if (need_mask)
-      softmax_tile<kSRegs, true, false, kSoftmaxChains, kParts, kRowSums>(s, m, m_ref, l, alpha, beta, scale_log2,
-                                                                          score_scale, p.softcap, tm);
-    else
-      softmax_tile<kSRegs, false, false, kSoftmaxChains, kParts, kRowSums>(s, m, m_ref, l, alpha, beta, scale_log2,
-                                                                           score_scale, p.softcap, tm);
-  };
-
-  // wgmma descriptors, built once: per tile only the stage and k-step offsets are added (the
+  // wgmma descriptors, built once for all items: per tile only the stage and k-step offsets are added (the
   // compiler rebuilt every descriptor from the shared window base on each tile, ~60 uniform
   // and integer instructions per tile in issue-bound warps).
   uint64_t q_desc = QTile::desc_base(smem_addr(q_s)) + QTile::desc_step(wg * 64, 0);
@@ -917,193 +944,333 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   opaque(q_desc);
   opaque(k_desc0);
   opaque(vt_desc0);
-  for (int t = 0; t < num_tiles; ++t) {
-    const int st = t % kStages;
-    const int k0 = tile0 + t * kBlockN;
-    mbar_wait(ready(st), (t / kStages) & 1);
+  int stage = 0, phase = 0;  // of the ring, running on across items
+  for (int k = 0;; ++k) {
+    const int idx = next_item(k, false);
+    if (idx < 0) return;
+    const Item it = item_of(idx);
+    const int kv_head = it.kv_head, row0 = it.row0, q_begin = it.q_begin, num_rows = it.num_rows;
+    const int context = it.context, first_pos = it.first_pos, last_pos = it.last_pos, kv_end = it.kv_end;
+    const int tile0 = it.tile0, num_tiles = it.num_tiles;
+    const float q_scale = kFp8 ? p.q_scale[kv_head * p.q_scale_stride] : 1.f;
+    const float k_scale = kFp8 ? p.k_scale[kv_head * p.k_scale_stride] : 1.f;
+    const float v_scale = kFp8 ? p.v_scale[kv_head * p.v_scale_stride] : 1.f;
+    constexpr float kLog2e = 1.4426950408889634f;
+    const float score_scale = p.softmax_scale * q_scale * k_scale;  // natural-log units
+    const float scale_log2 = score_scale * kLog2e;
 
-    // S = Q K^T (64 rows x kBlockN keys per warpgroup).
-    float s[kSRegs];
+    // ---- Q: this warpgroup's 64 rows, quantized in registers, stored swizzled (after the
+    // warpgroup's last QK^T of its previous item has read them).
+    if (k > 0) named_barrier(1 + wg, 128);
     {
-      const uint64_t k_desc = k_desc0 + st * (Cfg::kStageBytes >> 4);
-      wgmma_fence();
+      constexpr int kPieces = D / 16;
+      const QT* q = static_cast<const QT*>(p.q);
+      // x / q_scale as RN(1 / q_scale) and two FMA remainder corrections (Markstein): the
+      // correctly rounded quotient without __fdiv_rn's per-element reciprocal refinement, range
+      // check and slow-path branch (~1.4k prologue instructions per thread, serial before the first
+      // QK^T; it weighs most on short sequences). |x| is first clamped to 1024 * q_scale (both sides
+      // saturate e4m3 beyond 448 * q_scale), so nothing overflows. Checked against exact rational
+      // arithmetic (tools/q_div_check.py): equal to RN(x / s), signed zeros included (a NaN query
+      // saturates instead of staying NaN).
+      // H200, same run, FP8 cache, causal TFLOP/s 4 x 4k / 8 x 2k / 1 x 1k: head_dim 128 524 / 401 /
+      // 193 against 501 / 377 / 181 with __fdiv_rn, head_dim 256 603 / 472 / 212 against 582 / 445 / 198.
+      const float q_rcp = __frcp_rn(q_scale), q_lim = 1024.f * q_scale;
+      auto q_div = [&](float x) {
+        x = fminf(fmaxf(x, -q_lim), q_lim);
+        float y = __fmul_rn(x, q_rcp);
+        y = fmaf(fmaf(-q_scale, y, x), q_rcp, y);
+        return copysignf(fmaf(fmaf(-q_scale, y, x), q_rcp, y), x);  // -0 / s stays -0 (the FMAs give +0)
+      };
+      for (int i = ctid; i < 64 * kPieces; i += 128) {
+        const int r = wg * 64 + i / kPieces, piece = i % kPieces;
+        const int row = row0 + r;
+        if constexpr (kFp8) {
+          uint32_t w[4] = {0u, 0u, 0u, 0u};
+          if (row < num_rows) {
+            const int tok = q_begin + row / group, head = kv_head * group + row % group;
+            const uint4* src = reinterpret_cast<const uint4*>(q + tok * p.q_tok_stride + head * p.q_head_stride + piece * 16);
+            uint4 raw[2] = {src[0], src[1]};
+            const QT* h = reinterpret_cast<const QT*>(raw);
 #pragma unroll
-      for (int ks = 0; ks < kQkSteps; ++ks)
-        QK::ss(s, q_desc + QTile::desc_step(0, ks), k_desc + KTile::desc_step(0, ks), ks > 0 ? 1 : 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(s);
-    }
-
-    float alpha[2], beta[2];
-    online_softmax(s, k0, alpha, beta);
-
-    // P -> e4m3 A fragments (see the header comment for the key order).
-    uint32_t pa[kPSteps][4];
-#pragma unroll
-    for (int c = 0; c < kPSteps; ++c) {
-      if constexpr (kFp8) {
-        const float* x = s + 16 * c;
-        pa[c][0] = pack_e4m3x4(x[0], x[1], x[4], x[5]);
-        pa[c][1] = pack_e4m3x4(x[2], x[3], x[6], x[7]);
-        pa[c][2] = pack_e4m3x4(x[8], x[9], x[12], x[13]);
-        pa[c][3] = pack_e4m3x4(x[10], x[11], x[14], x[15]);
-      } else {  // 16-bit A fragment = the accumulator's two n8 chunks of this k16 step, as they are
-        const float* x = s + 8 * c;
-        pa[c][0] = pack2<QT>(x[0], x[1]);
-        pa[c][1] = pack2<QT>(x[2], x[3]);
-        pa[c][2] = pack2<QT>(x[4], x[5]);
-        pa[c][3] = pack2<QT>(x[6], x[7]);
-      }
-    }
-
-    const uint64_t vt_desc = vt_desc0 + st * (Cfg::kStageBytes >> 4);
-    const bool last = t + 1 == num_tiles;
-    // Every slice rescaled, then PV accumulated on the tensor cores in o_main itself, as one
-    // group: 16-bit caches (their wgmma accumulates in FP32) and FP8 head_dim 256 never promoted.
-    auto pv_into_main = [&] {
-#pragma unroll
-      for (int sl = 0; sl < kPvSlices; ++sl)
-#pragma unroll
-        for (int i = 0; i < kPvRegs; ++i) o_main[sl][i] *= alpha[(i / 2) % 2];
-      wgmma_fence();
-#pragma unroll
-      for (int sl = 0; sl < kPvSlices; ++sl) {
-        fence_regs(o_main[sl]);
-#pragma unroll
-        for (int c = 0; c < kPSteps; ++c) pv_mma(o_main[sl], pa[c], vt_desc + pv_step(sl, c), 1);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-#pragma unroll
-      for (int sl = 0; sl < kPvSlices; ++sl) fence_regs(o_main[sl]);
-    };
-    if constexpr (Cfg::kDirect16) {
-      pv_into_main();
-      mbar_arrive(empty(st));
-    } else if constexpr (kPvSlices == 1 && kWide) {
-      // 256-key tiles: each 128-key half accumulates on the tensor cores in its own register set
-      // against its own P reference (softmax_tile's kParts), half 1 rescaled by beta, as two
-      // 128-key tiles would. One P reference and one accumulator for all 256 keys measured ~5%
-      // more error, 2% above FA3 FP8's at 4k (H200, 64 queries at the end of 4k-128k keys,
-      // relative L2 vs FP64: 0.0217 / 0.0232 / 0.0216 / 0.0228 against 0.0207 / 0.0220 / 0.0205 /
-      // 0.0216 with 128-key tiles; FA3 FP8 0.0212 / 0.0233 / 0.0227 / 0.0246).
-      static_assert(kEveryTile, "256-key tiles promote every tile (prefill.cu takes them only then)");
-      float o_half[kPvRegs];
-      wgmma_fence();
-      fence_regs(o_part);
-      fence_regs(o_half);
-#pragma unroll
-      for (int c = 0; c < kPSteps / 2; ++c) pv_mma(o_part, pa[c], vt_desc + pv_step(0, c), c > 0 ? 1 : 0);
-#pragma unroll
-      for (int c = kPSteps / 2; c < kPSteps; ++c) pv_mma(o_half, pa[c], vt_desc + pv_step(0, c), c > kPSteps / 2 ? 1 : 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(o_part);
-      fence_regs(o_half);
-      mbar_arrive(empty(st));
-#pragma unroll
-      for (int i = 0; i < kPvRegs; ++i)
-        o_main[0][i] = fmaf(o_main[0][i], alpha[(i / 2) % 2], fmaf(o_part[i], beta[(i / 2) % 2], o_half[i]));
-    } else if constexpr (kPvSlices == 1 && kEveryTile) {
-      wgmma_fence();
-      fence_regs(o_part);
-#pragma unroll
-      for (int c = 0; c < kPSteps; ++c) pv_mma(o_part, pa[c], vt_desc + pv_step(0, c), c > 0 ? 1 : 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(o_part);
-      mbar_arrive(empty(st));
-#pragma unroll
-      for (int i = 0; i < kPvRegs; ++i) o_main[0][i] = o_main[0][i] * alpha[(i / 2) % 2] + o_part[i];
-    } else if constexpr (kPvSlices == 1) {
-      // o_part accumulates on the tensor cores; o_main gets it every promote_every tiles.
-      if (!part_empty) {
-#pragma unroll
-        for (int i = 0; i < kPvRegs; ++i) o_part[i] *= alpha[(i / 2) % 2];
-      }
-      part_alpha[0] *= alpha[0];
-      part_alpha[1] *= alpha[1];
-      wgmma_fence();
-      fence_regs(o_part);
-#pragma unroll
-      for (int c = 0; c < kPSteps; ++c)
-        pv_mma(o_part, pa[c], vt_desc + pv_step(0, c), (c > 0 || !part_empty) ? 1 : 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(o_part);
-      mbar_arrive(empty(st));
-      part_empty = false;
-      if (last || (promote_every > 0 && (t + 1) % promote_every == 0)) {
-#pragma unroll
-        for (int i = 0; i < kPvRegs; ++i) o_main[0][i] = o_main[0][i] * part_alpha[(i / 2) % 2] + o_part[i];
-        part_alpha[0] = part_alpha[1] = 1.f;
-        part_empty = true;
-      }
-    } else {
-      // FP8 head_dim 256: 64-column slices. promote_every 0: pv_into_main. Every tile: one slice
-      // at a time into o_part, promoted at once (a second slice accumulator to overlap the
-      // promotion with the next slice's MMA made ptxas serialize every wgmma of the kernel for
-      // lack of registers).
-      static_assert(kPvSlices == 4, "head_dim 256: four 64-column slices");
-      if (promote_every == 0) {
-        pv_into_main();
-      } else {
-#pragma unroll
-        for (int sl = 0; sl < kPvSlices; ++sl) {
-          wgmma_fence();
-          fence_regs(o_part);
-#pragma unroll
-          for (int c = 0; c < kPSteps; ++c) pv_mma(o_part, pa[c], vt_desc + pv_step(sl, c), c > 0 ? 1 : 0);
-          wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs(o_part);
-#pragma unroll
-          for (int i = 0; i < kPvRegs; ++i) o_main[sl][i] = o_main[sl][i] * alpha[(i / 2) % 2] + o_part[i];
+            for (int j = 0; j < 4; ++j)
+              w[j] = pack_e4m3x4(q_div(to_float(h[4 * j])), q_div(to_float(h[4 * j + 1])),
+                                 q_div(to_float(h[4 * j + 2])), q_div(to_float(h[4 * j + 3])));
+          }
+          sts128(smem_addr(q_s) + QTile::offset(r, piece * 16), make_uint4(w[0], w[1], w[2], w[3]));
+        } else {  // 16-bit: the query as it is, 16 elements = 32 bytes
+          uint4 raw[2] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u)};
+          if (row < num_rows) {
+            const int tok = q_begin + row / group, head = kv_head * group + row % group;
+            const uint4* src = reinterpret_cast<const uint4*>(q + tok * p.q_tok_stride + head * p.q_head_stride + piece * 16);
+            raw[0] = src[0];
+            raw[1] = src[1];
+          }
+          sts128(smem_addr(q_s) + QTile::offset(r, piece * 32), raw[0]);
+          sts128(smem_addr(q_s) + QTile::offset(r, piece * 32 + 16), raw[1]);
         }
       }
-      mbar_arrive(empty(st));
+      fence_proxy_async();
+      named_barrier(1 + wg, 128);
     }
-  }
 
-  // ---- Epilogue: row sums across the quad, sinks, normalization, output and LSE.
+    // ---- This thread's two rows (accumulator rows g and g + 8 of its warp).
+    const int g = lane / 4, tq = lane % 4;
+    int pos[2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    // The quad's four shares of the row sum (kSumOnTc: column D of O, held by tq == 0; the other
-    // lanes hold the zero columns D + 2 tq).
-    float lsum = kSumOnTc ? o_main[0][4 * (D / 8) + 2 * h] : l[h];
-    lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
-    lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
-    const int row = row0 + wg * 64 + (warp % 4) * 16 + g + 8 * h;
-    const int head = kv_head * group + row % group;
-    float m_fin = m_ref[h];
-    float scale_out = 1.f;
-    if (p.sinks != nullptr && row < num_rows) {
-      const float sink = p.sinks[head] * kLog2e;
-      const float m_new = fmaxf(m_fin, sink);
-      scale_out = exp2f(m_fin - m_new);  // m_fin = -inf (no keys) gives 0
-      lsum = lsum * scale_out + exp2f(sink - m_new + 8.f);
-      m_fin = m_new;
+    for (int h = 0; h < 2; ++h) {
+      const int row = min(row0 + wg * 64 + (warp % 4) * 16 + g + 8 * h, num_rows - 1);  // pad rows: any valid pos
+      pos[h] = context + row / group;
     }
-    if (row >= num_rows) continue;
-    const float inv = lsum > 0.f ? scale_out * v_scale / lsum : 0.f;  // the x256 of P cancels
-    const int tok = q_begin + row / group;
-    QT* o = static_cast<QT*>(p.out) + tok * p.o_tok_stride + head * p.o_head_stride;
+
+    float o_main[kPvSlices][kPvRegs];
+    float o_part[kPvRegs];  // tensor-core accumulator between promotions
 #pragma unroll
     for (int sl = 0; sl < kPvSlices; ++sl)
 #pragma unroll
-      for (int i = 0; i < Cfg::kOutN / 8; ++i) {
-        const int col = sl * Cfg::kOutN + 8 * i + 2 * tq;
-        *reinterpret_cast<uint32_t*>(o + col) =
-            pack2<QT>(o_main[sl][4 * i + 2 * h] * inv, o_main[sl][4 * i + 2 * h + 1] * inv);
+      for (int i = 0; i < kPvRegs; ++i) o_main[sl][i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPvRegs; ++i) o_part[i] = 0.f;
+    float m[2] = {-CUDART_INF_F, -CUDART_INF_F};  // running max, log2 units
+    float m_ref[2] = {-CUDART_INF_F, -CUDART_INF_F};  // what O and l are relative to (softmax_tile)
+    float l[2] = {0.f, 0.f};                      // this thread's share of the row sums of P * 256
+    float part_alpha[2] = {1.f, 1.f};             // o_main's rescale owed since the last promotion
+    bool part_empty = true;
+
+    // Online softmax of the key tile at k0; masks only on tiles that cross an edge.
+    // beta: half 1's rescale into m_ref units (256-key tiles, kParts 2; see softmax_tile).
+    auto online_softmax = [&](float(&s)[kSRegs], int k0, float(&alpha)[2], float(&beta)[2]) {
+      const bool need_mask = k0 + kBlockN > kv_end || (p.causal && k0 + kBlockN - 1 > first_pos) ||
+                             (p.window_left >= 0 && k0 < last_pos - p.window_left);
+      const TileMask tm{k0 + 2 * tq, kv_end, {pos[0], pos[1]}, p.causal, p.window_left};
+      constexpr int kSoftmaxChains = kFp8 ? 2 : 1;  // see softmax_tile
+      constexpr int kParts = kWide ? 2 : 1;
+      constexpr bool kRowSums = !kSumOnTc;
+      if (p.softcap > 0.f)
+        softmax_tile<kSRegs, true, true, kSoftmaxChains, kParts, kRowSums>(s, m, m_ref, l, alpha, beta, scale_log2,
+                                                                           score_scale, p.softcap, tm);
+      else if (need_mask)
+        softmax_tile<kSRegs, true, false, kSoftmaxChains, kParts, kRowSums>(s, m, m_ref, l, alpha, beta, scale_log2,
+                                                                            score_scale, p.softcap, tm);
+      else
+        softmax_tile<kSRegs, false, false, kSoftmaxChains, kParts, kRowSums>(s, m, m_ref, l, alpha, beta, scale_log2,
+                                                                             score_scale, p.softcap, tm);
+    };
+
+    for (int t = 0; t < num_tiles; ++t) {
+      const int st = stage;
+      const int k0 = tile0 + t * kBlockN;
+      mbar_wait(ready(st), phase);
+      if (++stage == kStages) stage = 0, phase ^= 1;
+
+      // S = Q K^T (64 rows x kBlockN keys per warpgroup).
+      float s[kSRegs];
+      {
+        const uint64_t k_desc = k_desc0 + st * (Cfg::kStageBytes >> 4);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kQkSteps; ++ks)
+          QK::ss(s, q_desc + QTile::desc_step(0, ks), k_desc + KTile::desc_step(0, ks), ks > 0 ? 1 : 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(s);
       }
-    if (p.lse != nullptr && tq == 0)
-      p.lse[head * p.lse_head_stride + tok] = lsum > 0.f ? (m_fin + log2f(lsum) - 8.f) / kLog2e : -CUDART_INF_F;
+
+      float alpha[2], beta[2];
+      online_softmax(s, k0, alpha, beta);
+
+      // P -> e4m3 A fragments (see the header comment for the key order).
+      uint32_t pa[kPSteps][4];
+#pragma unroll
+      for (int c = 0; c < kPSteps; ++c) {
+        if constexpr (kFp8) {
+          const float* x = s + 16 * c;
+          pa[c][0] = pack_e4m3x4(x[0], x[1], x[4], x[5]);
+          pa[c][1] = pack_e4m3x4(x[2], x[3], x[6], x[7]);
+          pa[c][2] = pack_e4m3x4(x[8], x[9], x[12], x[13]);
+          pa[c][3] = pack_e4m3x4(x[10], x[11], x[14], x[15]);
+        } else {  // 16-bit A fragment = the accumulator's two n8 chunks of this k16 step, as they are
+          const float* x = s + 8 * c;
+          pa[c][0] = pack2<QT>(x[0], x[1]);
+          pa[c][1] = pack2<QT>(x[2], x[3]);
+          pa[c][2] = pack2<QT>(x[4], x[5]);
+          pa[c][3] = pack2<QT>(x[6], x[7]);
+        }
+      }
+
+      const uint64_t vt_desc = vt_desc0 + st * (Cfg::kStageBytes >> 4);
+      const bool last = t + 1 == num_tiles;
+      // Every slice rescaled, then PV accumulated on the tensor cores in o_main itself, as one
+      // group: 16-bit caches (their wgmma accumulates in FP32) and FP8 head_dim 256 never promoted.
+      auto pv_into_main = [&] {
+#pragma unroll
+        for (int sl = 0; sl < kPvSlices; ++sl)
+#pragma unroll
+          for (int i = 0; i < kPvRegs; ++i) o_main[sl][i] *= alpha[(i / 2) % 2];
+        wgmma_fence();
+#pragma unroll
+        for (int sl = 0; sl < kPvSlices; ++sl) {
+          fence_regs(o_main[sl]);
+#pragma unroll
+          for (int c = 0; c < kPSteps; ++c) pv_mma(o_main[sl], pa[c], vt_desc + pv_step(sl, c), 1);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int sl = 0; sl < kPvSlices; ++sl) fence_regs(o_main[sl]);
+      };
+      if constexpr (Cfg::kDirect16) {
+        pv_into_main();
+        mbar_arrive(empty(st));
+      } else if constexpr (kPvSlices == 1 && kWide) {
+        // 256-key tiles: each 128-key half accumulates on the tensor cores in its own register set
+        // against its own P reference (softmax_tile's kParts), half 1 rescaled by beta, as two
+        // 128-key tiles would. One P reference and one accumulator for all 256 keys measured ~5%
+        // more error, 2% above FA3 FP8's at 4k (H200, 64 queries at the end of 4k-128k keys,
+        // relative L2 vs FP64: 0.0217 / 0.0232 / 0.0216 / 0.0228 against 0.0207 / 0.0220 / 0.0205 /
+        // 0.0216 with 128-key tiles; FA3 FP8 0.0212 / 0.0233 / 0.0227 / 0.0246).
+        static_assert(kEveryTile, "256-key tiles promote every tile (prefill.cu takes them only then)");
+        float o_half[kPvRegs];
+        wgmma_fence();
+        fence_regs(o_part);
+        fence_regs(o_half);
+#pragma unroll
+        for (int c = 0; c < kPSteps / 2; ++c) pv_mma(o_part, pa[c], vt_desc + pv_step(0, c), c > 0 ? 1 : 0);
+#pragma unroll
+        for (int c = kPSteps / 2; c < kPSteps; ++c) pv_mma(o_half, pa[c], vt_desc + pv_step(0, c), c > kPSteps / 2 ? 1 : 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(o_part);
+        fence_regs(o_half);
+        mbar_arrive(empty(st));
+#pragma unroll
+        for (int i = 0; i < kPvRegs; ++i)
+          o_main[0][i] = fmaf(o_main[0][i], alpha[(i / 2) % 2], fmaf(o_part[i], beta[(i / 2) % 2], o_half[i]));
+      } else if constexpr (kPvSlices == 1 && kEveryTile) {
+        wgmma_fence();
+        fence_regs(o_part);
+#pragma unroll
+        for (int c = 0; c < kPSteps; ++c) pv_mma(o_part, pa[c], vt_desc + pv_step(0, c), c > 0 ? 1 : 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(o_part);
+        mbar_arrive(empty(st));
+#pragma unroll
+        for (int i = 0; i < kPvRegs; ++i) o_main[0][i] = o_main[0][i] * alpha[(i / 2) % 2] + o_part[i];
+      } else if constexpr (kPvSlices == 1) {
+        // o_part accumulates on the tensor cores; o_main gets it every promote_every tiles.
+        if (!part_empty) {
+#pragma unroll
+          for (int i = 0; i < kPvRegs; ++i) o_part[i] *= alpha[(i / 2) % 2];
+        }
+        part_alpha[0] *= alpha[0];
+        part_alpha[1] *= alpha[1];
+        wgmma_fence();
+        fence_regs(o_part);
+#pragma unroll
+        for (int c = 0; c < kPSteps; ++c)
+          pv_mma(o_part, pa[c], vt_desc + pv_step(0, c), (c > 0 || !part_empty) ? 1 : 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(o_part);
+        mbar_arrive(empty(st));
+        part_empty = false;
+        if (last || (promote_every > 0 && (t + 1) % promote_every == 0)) {
+#pragma unroll
+          for (int i = 0; i < kPvRegs; ++i) o_main[0][i] = o_main[0][i] * part_alpha[(i / 2) % 2] + o_part[i];
+          part_alpha[0] = part_alpha[1] = 1.f;
+          part_empty = true;
+        }
+      } else {
+        // FP8 head_dim 256: 64-column slices. promote_every 0: pv_into_main. Every tile: one slice
+        // at a time into o_part, promoted at once (a second slice accumulator to overlap the
+        // promotion with the next slice's MMA made ptxas serialize every wgmma of the kernel for
+        // lack of registers).
+        static_assert(kPvSlices == 4, "head_dim 256: four 64-column slices");
+        if (promote_every == 0) {
+          pv_into_main();
+        } else {
+#pragma unroll
+          for (int sl = 0; sl < kPvSlices; ++sl) {
+            wgmma_fence();
+            fence_regs(o_part);
+#pragma unroll
+            for (int c = 0; c < kPSteps; ++c) pv_mma(o_part, pa[c], vt_desc + pv_step(sl, c), c > 0 ? 1 : 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(o_part);
+#pragma unroll
+            for (int i = 0; i < kPvRegs; ++i) o_main[sl][i] = o_main[sl][i] * alpha[(i / 2) % 2] + o_part[i];
+          }
+        }
+        mbar_arrive(empty(st));
+      }
+    }
+
+    // ---- Epilogue: row sums across the quad, sinks, normalization, output and LSE.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // The quad's four shares of the row sum (kSumOnTc: column D of O, held by tq == 0; the other
+      // lanes hold the zero columns D + 2 tq).
+      float lsum = kSumOnTc ? o_main[0][4 * (D / 8) + 2 * h] : l[h];
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+      const int row = row0 + wg * 64 + (warp % 4) * 16 + g + 8 * h;
+      const int head = kv_head * group + row % group;
+      float m_fin = m_ref[h];
+      float scale_out = 1.f;
+      if (p.sinks != nullptr && row < num_rows) {
+        const float sink = p.sinks[head] * kLog2e;
+        const float m_new = fmaxf(m_fin, sink);
+        scale_out = exp2f(m_fin - m_new);  // m_fin = -inf (no keys) gives 0
+        lsum = lsum * scale_out + exp2f(sink - m_new + 8.f);
+        m_fin = m_new;
+      }
+      if (row >= num_rows) continue;
+      const float inv = lsum > 0.f ? scale_out * v_scale / lsum : 0.f;  // the x256 of P cancels
+      const int tok = q_begin + row / group;
+      QT* o = static_cast<QT*>(p.out) + tok * p.o_tok_stride + head * p.o_head_stride;
+#pragma unroll
+      for (int sl = 0; sl < kPvSlices; ++sl)
+#pragma unroll
+        for (int i = 0; i < Cfg::kOutN / 8; ++i) {
+          const int col = sl * Cfg::kOutN + 8 * i + 2 * tq;
+          *reinterpret_cast<uint32_t*>(o + col) =
+              pack2<QT>(o_main[sl][4 * i + 2 * h] * inv, o_main[sl][4 * i + 2 * h + 1] * inv);
+        }
+      if (p.lse != nullptr && tq == 0)
+        p.lse[head * p.lse_head_stride + tok] = lsum > 0.f ? (m_fin + log2f(lsum) - 8.f) / kLog2e : -CUDART_INF_F;
+    }
   }
 }
 
+// SMs of the current device (cached per device).
+inline int prefill_sm_count() {
+  static int counts[64] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) dev = 0;
+  if (counts[dev] == 0) cudaDeviceGetAttribute(&counts[dev], cudaDevAttrMultiProcessorCount, dev);
+  return counts[dev];
+}
+
+// CTAs of a persistent launch (one per SM), or 0 for one CTA per item. Persistent when there are
+// more items than SMs and most items hold rows: a varlen batch whose longest query sets the row
+// tile count of every sequence leaves many items empty, which the item loop would skip one
+// atomic at a time (the one-CTA-per-item grid skips them for free). Row tiles are 128 rows for
+// every configuration (PrefillConfig::kBlockM).
+inline int prefill_persistent_ctas(int64_t max_query_len, int64_t num_tokens, int64_t num_seqs, int64_t num_q_heads,
+                                   int64_t num_kv_heads) {
+  if (!FIREATTN_PREFILL_PERSISTENT || num_kv_heads <= 0 || num_seqs <= 0) return 0;
+  const int64_t group = num_q_heads / num_kv_heads;
+  const int64_t items = (max_query_len * group + 127) / 128 * num_seqs * num_kv_heads;
+  const int64_t nonempty_upper = ((num_tokens * group + 127) / 128 + num_seqs) * num_kv_heads;
+  const int sms = prefill_sm_count();
+  return items > sms && 2 * nonempty_upper >= items ? sms : 0;
+}
+
 template <typename QT, bool kFp8, int D, bool kWide>
-void launch_prefill_tiles(const AttentionParams& p, int max_query_len, int promote_every, cudaStream_t stream) {
+void launch_prefill_tiles(const AttentionParams& p, int max_query_len, int num_tokens, int promote_every,
+                          cudaStream_t stream) {
   using Cfg = PrefillConfig<D, kFp8 ? 1 : 2, kWide>;
   const int group = p.num_q_heads / p.num_kv_heads;
   const int tiles = (max_query_len * group + Cfg::kBlockM - 1) / Cfg::kBlockM;
@@ -1113,7 +1280,21 @@ void launch_prefill_tiles(const AttentionParams& p, int max_query_len, int promo
     if (promote_every != 1) kernel = prefill_kernel<QT, kFp8, D, false, kWide>;
   }
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  const dim3 grid(tiles, p.num_seqs, p.num_kv_heads);
+  const int64_t per_level = static_cast<int64_t>(p.num_seqs) * p.num_kv_heads;
+  // (prefill.cu checks that items fit an int)
+  PrefillSchedule sched{nullptr, static_cast<int>(per_level * tiles), tiles};
+  dim3 grid(tiles, p.num_seqs, p.num_kv_heads);
+  const int ctas = prefill_persistent_ctas(max_query_len, num_tokens, p.num_seqs, p.num_q_heads, p.num_kv_heads);
+  if (ctas > 0 && !kWide) {  // the 256-key loop takes one CTA per item (kItemLoop)
+    static std::atomic<unsigned> launches{0};
+    static int* counters[64] = {};  // per device: this file's prefill_counters
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (dev < 0 || dev >= 64) dev = 0;
+    if (counters[dev] == nullptr) cudaGetSymbolAddress(reinterpret_cast<void**>(&counters[dev]), prefill_counters);
+    sched.counters = counters[dev] + 2 * (launches.fetch_add(1) % kPrefillCounterSlots);
+    grid = dim3(ctas, 1, 1);
+  }
 #if FIREATTN_PREFILL_TMA
   CUtensorMap kv_map;
   std::memset(&kv_map, 0, sizeof(kv_map));
@@ -1122,22 +1303,24 @@ void launch_prefill_tiles(const AttentionParams& p, int max_query_len, int promo
     using KTile = KMajorTile<Cfg::kBlockN, Cfg::kRowBytes>;
     use_tma = encode_kv_tensor_map(&kv_map, p, Cfg::kRowBytes, KTile::CW, Cfg::kBlockN) ? 1 : 0;
   }
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, promote_every, kv_map, use_tma);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, promote_every, sched, kv_map, use_tma);
 #else
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, promote_every);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, promote_every, sched);
 #endif
 }
 
 // wide: 256-key tiles (FP8 head_dim 64 only; the caller decides, prefill.cu's prefill_wide_tiles).
+// num_tokens: query rows of the batch (all sequences).
 template <typename QT, bool kFp8, int D>
-void launch_prefill(const AttentionParams& p, int max_query_len, int promote_every, bool wide, cudaStream_t stream) {
+void launch_prefill(const AttentionParams& p, int max_query_len, int num_tokens, int promote_every, bool wide,
+                    cudaStream_t stream) {
   if constexpr (kFp8 && D == 64) {
     if (wide) {
-      launch_prefill_tiles<QT, kFp8, D, true>(p, max_query_len, promote_every, stream);
+      launch_prefill_tiles<QT, kFp8, D, true>(p, max_query_len, num_tokens, promote_every, stream);
       return;
     }
   }
-  launch_prefill_tiles<QT, kFp8, D, false>(p, max_query_len, promote_every, stream);
+  launch_prefill_tiles<QT, kFp8, D, false>(p, max_query_len, num_tokens, promote_every, stream);
 }
 
 }  // namespace fireattn
