@@ -137,8 +137,9 @@ def assert_attention_close(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: 
     matching inf/NaN positions.
 
     lowp_exact: the kernel reproduces ref_lowp up to output rounding (true unless the kernel
-    rounds P, to e4m3 or to 16 bits for its MMAs: exp approximations then flip some roundings,
-    so the kernel must only be no farther from ref_lowp than ref_lowp is from the exact result)."""
+    rounds P, to e4m3 or to 16 bits for its MMAs: exp approximations and tensor-core score
+    rounding then flip some roundings, so the kernel must only be no farther from ref_lowp than
+    ref_lowp is from the exact result: in L2, and element-wise within twice that)."""
     o, r32, rlp = out[:rows].double(), ref_fp32[:rows], ref_lowp[:rows]
     assert torch.equal(torch.isnan(o), torch.isnan(rlp)), "NaN positions differ"
     assert torch.equal(torch.isinf(o), torch.isinf(rlp)), "inf positions differ"
@@ -156,8 +157,15 @@ def assert_attention_close(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: 
     if lowp_exact:
         assert lowp_err <= 2 * floor + 1e-4, f"max|out-ref_lowp| {lowp_err:.3e} beyond output rounding {2 * floor:.3e}"
     else:
+        # In aggregate the kernel is no farther from ref_lowp than ref_lowp is from the exact result
+        # (FP8 prefill, H200, 10-50 random batches per case: 0.10-0.20 of it). Element-wise the
+        # flips are independent of ref_lowp's own errors, so a single output may land farther:
+        # with 1x instead of 2x, 1 random batch in 150 of one head_dim-256 case failed by 0.5%.
+        l2, l2_gap = (o - rlp).norm().item(), (rlp - r32).norm().item()
+        l2_floor = floor * o.numel() ** 0.5
+        assert l2 <= l2_gap + l2_floor, f"||out-ref_lowp|| {l2:.3e} > ||ref_lowp-ref_fp32|| {l2_gap:.3e}"
         lowp_gap = (rlp - r32).abs().max().item()
-        assert lowp_err <= lowp_gap + floor, f"max|out-ref_lowp| {lowp_err:.3e} > max|ref_lowp-ref_fp32| {lowp_gap:.3e}"
+        assert lowp_err <= 2 * lowp_gap + floor, f"max|out-ref_lowp| {lowp_err:.3e} > 2 max|ref_lowp-ref_fp32| {lowp_gap:.3e}"
 
 
 def impl_with_settings(monkeypatch, additional_config, layers=2, kv_heads=4, head_dim=64, tp=(0, 1), kv_dtype="fp8"):
