@@ -69,10 +69,10 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::ScalarType qt = query.scalar_type();
   TORCH_CHECK(max_seq_len >= 0, "fireattn.prefill: max_seq_len must be >= 0 (0: unknown), got ", num(max_seq_len));
-  // Work items of the kernel (row tiles of 128 rows x sequences x kv heads) are numbered in an int.
-  const int64_t row_tiles = (max_query_len * (p.num_q_heads / p.num_kv_heads) + 127) / 128;
-  TORCH_CHECK(row_tiles * p.num_seqs * p.num_kv_heads < (int64_t{1} << 31),
-              "fireattn.prefill: row tiles (max_query_len x GQA group / 128) x sequences x kv heads must stay below 2^31");
+  // Work items of the kernel (row tiles x sequences x kv heads) are numbered in an int.
+  const int64_t row_tiles = prefill_row_tiles(max_query_len * (p.num_q_heads / p.num_kv_heads));
+  TORCH_CHECK(row_tiles * p.num_seqs * p.num_kv_heads < (int64_t{1} << 31), "fireattn.prefill: row tiles (max_query_len x ",
+              "GQA group / ", kPrefillRowTile, ") x sequences x kv heads must stay below 2^31");
   const bool wide = prefill_wide_tiles(head_dim, fp8, max_query_len, max_seq_len, promote_every);
 #define FIREATTN_TRY_PREFILL(QT, FP8, D)                                                                           \
   if (qt == scalar_type_of<QT>() && fp8 == FP8 && head_dim == D) {                                                 \

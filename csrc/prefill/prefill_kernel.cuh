@@ -116,6 +116,11 @@ constexpr int kProducerExperiment = FIREATTN_PREFILL_PRODUCER_EXPERIMENT;
 // < 16, misaligned base or block stride, no driver entry point, or FIREATTN_DISABLE_TMA=1.
 constexpr bool kPrefillTma = FIREATTN_PREFILL_TMA != 0;
 
+// Rows per work item (row tile) of every configuration: the launch, the persistent-grid choice and
+// the op's int-range check count items with it.
+constexpr int kPrefillRowTile = 128;
+inline int64_t prefill_row_tiles(int64_t rows) { return (rows + kPrefillRowTile - 1) / kPrefillRowTile; }
+
 // kElem: cache bytes per element (1: FP8 e4m3 with FP8 MMAs; 2: a BF16/FP16 cache with 16-bit MMAs).
 template <int D, int kElem = 1, bool kWide = false>
 struct PrefillConfig {
@@ -123,7 +128,7 @@ struct PrefillConfig {
   // Warpgroup 0 loads K and V and transposes V; warpgroups 1 and 2 compute 64 rows each.
   static constexpr int kThreads = 384;
   static constexpr int kProducerThreads = 128;
-  static constexpr int kBlockM = 128;
+  static constexpr int kBlockM = kPrefillRowTile;
   static constexpr int kProducerRegs = 56, kConsumerRegs = 224;
   // setmaxnreg.inc blocks until the CTA's own pool (168 regs x 384 threads at launch) has the
   // registers, so the split must fit it or the consumers wait forever.
@@ -583,16 +588,23 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   const uint32_t item_slots = bars + 8 * (3 * kStages + 4);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = p.num_q_heads / p.num_kv_heads;
-  // Item k of this CTA (lane 0 of warp 0), -1 when there is none; items whose row tile starts past
-  // its sequence's rows (varlen batches) are skipped here.
+  // An item's row tile and sequence, and whether the row tile starts inside the sequence's rows
+  // (the longest query sets the row tile count of every sequence, so varlen batches have empty items).
+  auto m_block_of = [&](int idx) { return sched.m_tiles - 1 - idx % sched.m_tiles; };
+  auto seq_of = [&](int idx) { return idx / sched.m_tiles % p.num_seqs; };
+  auto has_rows = [&](int idx) {
+    const int seq = seq_of(idx);
+    return m_block_of(idx) * kBlockM < (p.cu_seqlens_q[seq + 1] - p.cu_seqlens_q[seq]) * group;
+  };
+  // This CTA's first item: its grid position (x row tile, y sequence, z kv head; a persistent grid
+  // is (CTAs, 1, 1), so item blockIdx.x).
+  const int grid_item = (blockIdx.z * p.num_seqs + blockIdx.y) * sched.m_tiles + blockIdx.x;
+  // Item k of this CTA (lane 0 of warp 0), -1 when there is none; empty items are skipped here.
   auto take_item = [&](int k) -> int {
     for (int n = k;; ++n) {
-      int idx;
-      if (sched.counters == nullptr) idx = n == 0 ? (blockIdx.z * p.num_seqs + blockIdx.y) * sched.m_tiles + blockIdx.x : -1;
-      else idx = n == 0 ? blockIdx.x : atomicAdd(sched.counters, 1) + gridDim.x;
+      const int idx = n == 0 ? grid_item : sched.counters == nullptr ? -1 : atomicAdd(sched.counters, 1) + gridDim.x;
       if (idx < 0 || idx >= sched.num_items) return -1;
-      const int seq = idx / sched.m_tiles % p.num_seqs, m_block = sched.m_tiles - 1 - idx % sched.m_tiles;
-      if (m_block * kBlockM < (p.cu_seqlens_q[seq + 1] - p.cu_seqlens_q[seq]) * group) return idx;
+      if (has_rows(idx)) return idx;
     }
   };
   auto publish_item = [&](int k) -> int {  // warp 0; every lane gets the item
@@ -635,9 +647,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
     if constexpr (kItemLoop) {
       return publisher ? publish_item(k) : read_item(k);
     } else {
-      const int seq = blockIdx.y, m_block = sched.m_tiles - 1 - blockIdx.x;
-      const bool rows = m_block * kBlockM < (p.cu_seqlens_q[seq + 1] - p.cu_seqlens_q[seq]) * group;
-      return k == 0 && rows ? (blockIdx.z * p.num_seqs + blockIdx.y) * sched.m_tiles + blockIdx.x : -1;
+      return k == 0 && has_rows(grid_item) ? grid_item : -1;
     }
   };
   // The item's row tile and the keys it sees.
@@ -647,8 +657,8 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   };
   auto item_of = [&](int idx) {
     Item it;
-    it.m_block = sched.m_tiles - 1 - idx % sched.m_tiles;
-    it.seq = idx / sched.m_tiles % p.num_seqs;
+    it.m_block = m_block_of(idx);
+    it.seq = seq_of(idx);
     it.kv_head = idx / sched.m_tiles / p.num_seqs;
     it.row0 = it.m_block * kBlockM;
     const RowTile rt(p, it.seq, it.row0, kBlockM);
@@ -1243,27 +1253,36 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   }
 }
 
-// SMs of the current device (cached per device).
-inline int prefill_sm_count() {
-  static int counts[64] = {};
+// value(device) for the current device, kept per device in `cache` (devices past its 64 slots
+// ask every time).
+template <typename T, typename F>
+T for_current_device(T (&cache)[64], F value) {
   int dev = 0;
   cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64) dev = 0;
-  if (counts[dev] == 0) cudaDeviceGetAttribute(&counts[dev], cudaDevAttrMultiProcessorCount, dev);
-  return counts[dev];
+  if (dev < 0 || dev >= 64) return value(dev);
+  if (cache[dev] == T{}) cache[dev] = value(dev);
+  return cache[dev];
+}
+
+inline int prefill_sm_count() {
+  static int counts[64] = {};
+  return for_current_device(counts, [](int dev) {
+    int n = 0;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    return n;
+  });
 }
 
 // CTAs of a persistent launch (one per SM), or 0 for one CTA per item. Persistent when there are
 // more items than SMs and most items hold rows: a varlen batch whose longest query sets the row
 // tile count of every sequence leaves many items empty, which the item loop would skip one
-// atomic at a time (the one-CTA-per-item grid skips them for free). Row tiles are 128 rows for
-// every configuration (PrefillConfig::kBlockM).
+// atomic at a time (the one-CTA-per-item grid skips them for free).
 inline int prefill_persistent_ctas(int64_t max_query_len, int64_t num_tokens, int64_t num_seqs, int64_t num_q_heads,
                                    int64_t num_kv_heads) {
   if (!FIREATTN_PREFILL_PERSISTENT || num_kv_heads <= 0 || num_seqs <= 0) return 0;
   const int64_t group = num_q_heads / num_kv_heads;
-  const int64_t items = (max_query_len * group + 127) / 128 * num_seqs * num_kv_heads;
-  const int64_t nonempty_upper = ((num_tokens * group + 127) / 128 + num_seqs) * num_kv_heads;
+  const int64_t items = prefill_row_tiles(max_query_len * group) * num_seqs * num_kv_heads;
+  const int64_t nonempty_upper = (prefill_row_tiles(num_tokens * group) + num_seqs) * num_kv_heads;
   const int sms = prefill_sm_count();
   return items > sms && 2 * nonempty_upper >= items ? sms : 0;
 }
@@ -1273,26 +1292,26 @@ void launch_prefill_tiles(const AttentionParams& p, int max_query_len, int num_t
                           cudaStream_t stream) {
   using Cfg = PrefillConfig<D, kFp8 ? 1 : 2, kWide>;
   const int group = p.num_q_heads / p.num_kv_heads;
-  const int tiles = (max_query_len * group + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  const int tiles = static_cast<int>(prefill_row_tiles(static_cast<int64_t>(max_query_len) * group));
   if (tiles == 0 || p.num_seqs == 0) return;
   auto kernel = prefill_kernel<QT, kFp8, D, true, kWide>;
   if constexpr (kFp8 && D != 256 && !kWide) {  // the wide loop runs only with promote_every 1
     if (promote_every != 1) kernel = prefill_kernel<QT, kFp8, D, false, kWide>;
   }
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  const int64_t per_level = static_cast<int64_t>(p.num_seqs) * p.num_kv_heads;
-  // (prefill.cu checks that items fit an int)
-  PrefillSchedule sched{nullptr, static_cast<int>(per_level * tiles), tiles};
+  // (prefill.cu checks that the items fit an int)
+  PrefillSchedule sched{nullptr, tiles * p.num_seqs * p.num_kv_heads, tiles};
   dim3 grid(tiles, p.num_seqs, p.num_kv_heads);
   const int ctas = prefill_persistent_ctas(max_query_len, num_tokens, p.num_seqs, p.num_q_heads, p.num_kv_heads);
   if (ctas > 0 && !kWide) {  // the 256-key loop takes one CTA per item (kItemLoop)
     static std::atomic<unsigned> launches{0};
-    static int* counters[64] = {};  // per device: this file's prefill_counters
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev < 0 || dev >= 64) dev = 0;
-    if (counters[dev] == nullptr) cudaGetSymbolAddress(reinterpret_cast<void**>(&counters[dev]), prefill_counters);
-    sched.counters = counters[dev] + 2 * (launches.fetch_add(1) % kPrefillCounterSlots);
+    static int* counter_base[64] = {};  // this file's prefill_counters on each device
+    int* counters = for_current_device(counter_base, [](int) {
+      void* a = nullptr;
+      cudaGetSymbolAddress(&a, prefill_counters);
+      return static_cast<int*>(a);
+    });
+    sched.counters = counters + 2 * (launches.fetch_add(1) % kPrefillCounterSlots);
     grid = dim3(ctas, 1, 1);
   }
 #if FIREATTN_PREFILL_TMA
