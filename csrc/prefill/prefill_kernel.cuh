@@ -173,8 +173,10 @@ struct PrefillConfig {
   static constexpr int kVStageBytes = kBlockN * kRowBytes;
   static constexpr int kVtBytes = kDirect16 ? 0 : kVtRows * kBlockN * kElem;  // V^T tile of the transposing paths
   static constexpr int kStageBytes = kKBytes + kVStageBytes + kVtBytes;
-  // landed / ready / empty per stage, item_full / item_empty per item slot, the 2 item slots.
-  static constexpr int kBarrierBytes = 3 * kStages * 8 + 4 * 8 + 2 * 4;
+  // landed / ready / empty per stage, item_full / item_empty per item slot, then 16-byte aligned
+  // the 2 item slots of 64 bytes (prefill_kernel's Item: the item's number and row tile).
+  static constexpr int kItemSlotsOffset = (3 * kStages * 8 + 4 * 8 + 15) / 16 * 16;
+  static constexpr int kBarrierBytes = kItemSlotsOffset + 2 * 64;
   static constexpr int kSmemBytes = 1024 + kQBytes + kStages * kStageBytes + kBarrierBytes;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_90");
   static_assert(kQBytes % 1024 == 0 && kKBytes % 1024 == 0 && kVtBytes % 1024 == 0, "tiles must stay 1024-aligned");
@@ -580,12 +582,14 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   auto v_staging = [&](int st) { return stages + st * Cfg::kStageBytes + Cfg::kKBytes; };
   auto vt_tile = [&](int st) { return stages + st * Cfg::kStageBytes + Cfg::kKBytes + Cfg::kVStageBytes; };
 
-  // Item slots: warp 0 takes the CTA's items and publishes them one at a time (item_full); the
-  // 11 other warps (transposers and consumers) each read an item and release its slot (item_empty).
+  // Item slots: warp 0 takes the CTA's items and publishes each, with its row tile, one at a time
+  // (item_full); the 11 other warps (transposers and consumers) each read an item from shared
+  // memory, so none waits on the sequence lengths in global memory, and release its slot
+  // (item_empty).
   constexpr int kItemReaders = 3 + 8;
   auto item_full = [&](int sl) { return bars + 8 * (3 * kStages + sl); };
   auto item_empty = [&](int sl) { return bars + 8 * (3 * kStages + 2 + sl); };
-  const uint32_t item_slots = bars + 8 * (3 * kStages + 4);
+  const uint32_t item_slots = bars + Cfg::kItemSlotsOffset;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = p.num_q_heads / p.num_kv_heads;
   // An item's row tile and sequence, and whether the row tile starts inside the sequence's rows
@@ -599,64 +603,16 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   // This CTA's first item: its grid position (x row tile, y sequence, z kv head; a persistent grid
   // is (CTAs, 1, 1), so item blockIdx.x).
   const int grid_item = (blockIdx.z * p.num_seqs + blockIdx.y) * sched.m_tiles + blockIdx.x;
-  // Item k of this CTA (lane 0 of warp 0), -1 when there is none; empty items are skipped here.
-  auto take_item = [&](int k) -> int {
-    for (int n = k;; ++n) {
-      const int idx = n == 0 ? grid_item : sched.counters == nullptr ? -1 : atomicAdd(sched.counters, 1) + gridDim.x;
-      if (idx < 0 || idx >= sched.num_items) return -1;
-      if (has_rows(idx)) return idx;
-    }
-  };
-  auto publish_item = [&](int k) -> int {  // warp 0; every lane gets the item
-    const int sl = k & 1;
-    if (k >= 2) mbar_wait(item_empty(sl), ((k >> 1) - 1) & 1);
-    int idx = 0;
-    if (lane == 0) idx = take_item(k);
-    idx = __shfl_sync(0xffffffffu, idx, 0);
-    if (lane == 0) {
-      sts32(item_slots + 4 * sl, static_cast<uint32_t>(idx));
-      mbar_arrive(item_full(sl));
-      if (idx < 0 && sched.counters != nullptr) {
-        __threadfence();  // this CTA's counter increments before its done count
-        if (atomicAdd(sched.counters + 1, 1) == static_cast<int>(gridDim.x) - 1) {
-          atomicExch(sched.counters, 0);
-          atomicExch(sched.counters + 1, 0);
-        }
-      }
-    }
-    __syncwarp();
-    return idx;
-  };
-  auto read_item = [&](int k) -> int {  // the other warps
-    const int sl = k & 1;
-    mbar_wait(item_full(sl), (k >> 1) & 1);
-    const int idx = static_cast<int>(lds32(item_slots + 4 * sl));
-    __syncwarp();
-    if (lane == 0) mbar_arrive(item_empty(sl));
-    return idx;
-  };
-  // kItemLoop false (the 256-key loop, which prefill.cu takes for long cached contexts, where a
-  // CTA's item is hundreds of tiles long): one item per CTA from blockIdx, no item slots. Through
-  // the slots, persistent or not, that loop ran 3-4% slower (H200, 1 x 16k chunks of 64k / 128k
-  // keys, head_dim 64: 545 / 550 TFLOP/s vs 560 / 568 before the item loop existed; with the V
-  // transposes left out both ran alike, so the transposers took the loss); this way 550 / 559.
-  constexpr bool kItemLoop = !kWide;
-  // publisher: warp 0 (the consumers must not even see publish_item's divergent code: ptxas then
-  // serialized every wgmma of the head_dim 256 kernel).
-  auto next_item = [&](int k, bool publisher) -> int {
-    if constexpr (kItemLoop) {
-      return publisher ? publish_item(k) : read_item(k);
-    } else {
-      return k == 0 && has_rows(grid_item) ? grid_item : -1;
-    }
-  };
-  // The item's row tile and the keys it sees.
+  // The item's row tile and the keys it sees (idx -1: no item).
   struct Item {
-    int m_block, seq, kv_head, row0;
-    int q_begin, num_rows, context, first_pos, last_pos, kv_begin, kv_end, tile0, num_tiles;
+    int idx, m_block, seq, kv_head, row0;
+    int q_begin, num_rows, context, first_pos, last_pos, kv_begin, kv_end, tile0, num_tiles, pad[2];
   };
+  static_assert(sizeof(Item) == 64, "an item slot is 64 bytes");
   auto item_of = [&](int idx) {
-    Item it;
+    Item it{};
+    it.idx = idx;
+    if (idx < 0) return it;
     it.m_block = m_block_of(idx);
     it.seq = seq_of(idx);
     it.kv_head = idx / sched.m_tiles / p.num_seqs;
@@ -667,6 +623,66 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
     it.tile0 = it.kv_begin / kBlockN * kBlockN;
     it.num_tiles = it.kv_end > it.tile0 ? (it.kv_end - it.tile0 + kBlockN - 1) / kBlockN : 0;
     return it;
+  };
+  auto load_item = [&](uint32_t addr) {  // the 64-byte slot at addr
+    Item it;
+    uint4* w = reinterpret_cast<uint4*>(&it);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = lds128(addr + 16 * i);
+    return it;
+  };
+  // Item k of this CTA (lane 0 of warp 0), -1 when there is none; empty items are skipped here.
+  auto take_item = [&](int k) -> int {
+    for (int n = k;; ++n) {
+      const int idx = n == 0 ? grid_item : sched.counters == nullptr ? -1 : atomicAdd(sched.counters, 1) + gridDim.x;
+      if (idx < 0 || idx >= sched.num_items) return -1;
+      if (has_rows(idx)) return idx;
+    }
+  };
+  auto publish_item = [&](int k) -> Item {  // warp 0; every lane gets the item
+    const int sl = k & 1;
+    const uint32_t slot = item_slots + 64 * sl;
+    if (k >= 2) mbar_wait(item_empty(sl), ((k >> 1) - 1) & 1);
+    if (lane == 0) {
+      const int idx = take_item(k);
+      const Item it = item_of(idx);
+      const uint4* w = reinterpret_cast<const uint4*>(&it);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sts128(slot + 16 * i, w[i]);
+      mbar_arrive(item_full(sl));
+      if (idx < 0 && sched.counters != nullptr) {
+        __threadfence();  // this CTA's counter increments before its done count
+        if (atomicAdd(sched.counters + 1, 1) == static_cast<int>(gridDim.x) - 1) {
+          atomicExch(sched.counters, 0);
+          atomicExch(sched.counters + 1, 0);
+        }
+      }
+    }
+    __syncwarp();
+    return load_item(slot);
+  };
+  auto read_item = [&](int k) -> Item {  // the other warps
+    const int sl = k & 1;
+    mbar_wait(item_full(sl), (k >> 1) & 1);
+    const Item it = load_item(item_slots + 64 * sl);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(item_empty(sl));
+    return it;
+  };
+  // kItemLoop false (the 256-key loop, which prefill.cu takes for long cached contexts, where a
+  // CTA's item is hundreds of tiles long): one item per CTA from blockIdx, no item slots. Through
+  // the slots, persistent or not, that loop ran 3-4% slower (H200, 1 x 16k chunks of 64k / 128k
+  // keys, head_dim 64: 545 / 550 TFLOP/s vs 560 / 568 before the item loop existed; with the V
+  // transposes left out both ran alike, so the transposers took the loss); this way 550 / 559.
+  constexpr bool kItemLoop = !kWide;
+  // publisher: warp 0 (the consumers must not even see publish_item's divergent code: ptxas then
+  // serialized every wgmma of the head_dim 256 kernel).
+  auto next_item = [&](int k, bool publisher) -> Item {
+    if constexpr (kItemLoop) {
+      return publisher ? publish_item(k) : read_item(k);
+    } else {
+      return item_of(k == 0 && has_rows(grid_item) ? grid_item : -1);
+    }
   };
 
   if (threadIdx.x == 0) {
@@ -709,8 +725,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
     int kv_head = 0, tile0 = 0, kv_begin = 0, kv_end = 0, num_tiles = 0;
     const int32_t* btab = nullptr;
     const uint8_t* head_base = nullptr;
-    auto set_item = [&](int idx) {
-      const Item it = item_of(idx);
+    auto set_item = [&](const Item& it) {
       kv_head = it.kv_head, tile0 = it.tile0, kv_begin = it.kv_begin, kv_end = it.kv_end, num_tiles = it.num_tiles;
       btab = p.kv.block_table + it.seq * p.kv.block_table_stride;
       head_base = p.kv.base + kv_head * p.kv.head_stride;
@@ -904,9 +919,9 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
     };
     unsigned ct = 0;  // unsigned: the stage and phase divisions by kStages are shifts and masks
     for (int k = 0;; ++k, ct += num_tiles) {
-      const int idx = next_item(k, warp == 0);
-      if (idx < 0) return;
-      set_item(idx);
+      const Item item = next_item(k, warp == 0);
+      if (item.idx < 0) return;
+      set_item(item);
       if (tma) {
         if (warp == 0) {
           for (int t = 0; t < num_tiles; ++t) {
@@ -956,9 +971,8 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   opaque(vt_desc0);
   int stage = 0, phase = 0;  // of the ring, running on across items
   for (int k = 0;; ++k) {
-    const int idx = next_item(k, false);
-    if (idx < 0) return;
-    const Item it = item_of(idx);
+    const Item it = next_item(k, false);
+    if (it.idx < 0) return;
     const int kv_head = it.kv_head, row0 = it.row0, q_begin = it.q_begin, num_rows = it.num_rows;
     const int context = it.context, first_pos = it.first_pos, last_pos = it.last_pos, kv_end = it.kv_end;
     const int tile0 = it.tile0, num_tiles = it.num_tiles;
