@@ -970,8 +970,38 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   opaque(k_desc0);
   opaque(vt_desc0);
   int stage = 0, phase = 0;  // of the ring, running on across items
+  // The query's pieces: this thread's share of a warpgroup's 64 rows x D, kQBatch pieces (32 bytes
+  // each) at a time. load_q issues one batch's global loads (pad rows load zeros).
+  constexpr int kPieces = D / 16;
+  // (2 at a time in the promote-interval kernels, which spilled with 4.)
+  constexpr int kQBatchMax = kEveryTile ? 4 : 2;
+  constexpr int kQIters = 64 * kPieces / 128, kQBatch = kQIters < kQBatchMax ? kQIters : kQBatchMax;
+  static_assert(64 * kPieces % 128 == 0 && kQIters % kQBatch == 0, "whole Q load iterations");
+  auto load_q = [&](const Item& item, int j0, uint4(&raw)[kQBatch][2]) {
+    const QT* q = static_cast<const QT*>(p.q);
+#pragma unroll
+    for (int j = 0; j < kQBatch; ++j) {
+      const int i = ctid + 128 * (j0 + j);
+      const int row = item.row0 + wg * 64 + i / kPieces, piece = i % kPieces;
+      raw[j][0] = raw[j][1] = make_uint4(0u, 0u, 0u, 0u);
+      if (row < item.num_rows) {
+        const int tok = item.q_begin + row / group, head = item.kv_head * group + row % group;
+        const uint4* src = reinterpret_cast<const uint4*>(q + tok * p.q_tok_stride + head * p.q_head_stride + piece * 16);
+        raw[j][0] = src[0];
+        raw[j][1] = src[1];
+      }
+    }
+  };
+  // kEarlyQ: the next item and its first Q batch are read before the current item's epilogue, so
+  // the global round trip of those loads overlaps the epilogue. H200, same call, causal 1 / 4 / 8 x
+  // 4k TFLOP/s: head_dim 64 367 / 375 / 379 vs 361 / 370 / 373, 128 563 / 590 / 596 vs 553 / 579 /
+  // 586, 16k rows level; head_dim 256 lost 4-5% on every shape (long chunks too), so it reads
+  // each item at its start, and so do the promote-interval kernels (576 bytes of spills with it).
+  constexpr bool kEarlyQ = D < 256 && kEveryTile;
+  Item it = next_item(0, false);
+  uint4 q_first[kQBatch][2];
+  if (kEarlyQ && it.idx >= 0) load_q(it, 0, q_first);
   for (int k = 0;; ++k) {
-    const Item it = next_item(k, false);
     if (it.idx < 0) return;
     const int kv_head = it.kv_head, row0 = it.row0, q_begin = it.q_begin, num_rows = it.num_rows;
     const int context = it.context, first_pos = it.first_pos, last_pos = it.last_pos, kv_end = it.kv_end;
@@ -987,8 +1017,6 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
     // warpgroup's last QK^T of its previous item has read them).
     if (k > 0) named_barrier(1 + wg, 128);
     {
-      constexpr int kPieces = D / 16;
-      const QT* q = static_cast<const QT*>(p.q);
       // x / q_scale as RN(1 / q_scale) and two FMA remainder corrections (Markstein): the
       // correctly rounded quotient without __fdiv_rn's per-element reciprocal refinement, range
       // check and slow-path branch (~1.4k prologue instructions per thread, serial before the first
@@ -1012,24 +1040,15 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
       // 358 / 362, 128 556 / 581 / 586 vs 533 / 559 / 563; 256 in two batches of 4 628 / 664 / 656
       // vs 608 / 641 / 640 (all 8 at once 613 / 660 / 655). 16k rows within +-0.6%, but 1 x 16k
       // causal +2.2% at head_dim 64. An L2 prefetch of the next item's rows by warp 0 on top of
-      // this added nothing. Pad rows load zeros.
-      constexpr int kQIters = 64 * kPieces / 128, kQBatch = kQIters < 4 ? kQIters : 4;
-      static_assert(64 * kPieces % 128 == 0 && kQIters % kQBatch == 0, "whole Q load iterations");
+      // this added nothing. The first batch was loaded before the previous item's epilogue.
 #pragma unroll 1
       for (int j0 = 0; j0 < kQIters; j0 += kQBatch) {
         uint4 raw[kQBatch][2];
+        if (kEarlyQ && j0 == 0) {
 #pragma unroll
-        for (int j = 0; j < kQBatch; ++j) {
-          const int i = ctid + 128 * (j0 + j);
-          const int row = row0 + wg * 64 + i / kPieces, piece = i % kPieces;
-          raw[j][0] = raw[j][1] = make_uint4(0u, 0u, 0u, 0u);
-          if (row < num_rows) {
-            const int tok = q_begin + row / group, head = kv_head * group + row % group;
-            const uint4* src =
-                reinterpret_cast<const uint4*>(q + tok * p.q_tok_stride + head * p.q_head_stride + piece * 16);
-            raw[j][0] = src[0];
-            raw[j][1] = src[1];
-          }
+          for (int j = 0; j < kQBatch; ++j) raw[j][0] = q_first[j][0], raw[j][1] = q_first[j][1];
+        } else {
+          load_q(it, j0, raw);
         }
 #pragma unroll
         for (int j = 0; j < kQBatch; ++j) {
@@ -1246,6 +1265,12 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
       }
     }
 
+    Item next{};
+    if constexpr (kEarlyQ) {
+      next = next_item(k + 1, false);
+      if (next.idx >= 0) load_q(next, 0, q_first);
+    }
+
     // ---- Epilogue: row sums across the quad, sinks, normalization, output and LSE.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -1280,6 +1305,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
       if (p.lse != nullptr && tq == 0)
         p.lse[head * p.lse_head_stride + tok] = lsum > 0.f ? (m_fin + log2f(lsum) - 8.f) / kLog2e : -CUDART_INF_F;
     }
+    it = kEarlyQ ? next : next_item(k + 1, false);
   }
 }
 
