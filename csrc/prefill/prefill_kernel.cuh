@@ -1040,7 +1040,7 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
       // 358 / 362, 128 556 / 581 / 586 vs 533 / 559 / 563; 256 in two batches of 4 628 / 664 / 656
       // vs 608 / 641 / 640 (all 8 at once 613 / 660 / 655). 16k rows within +-0.6%, but 1 x 16k
       // causal +2.2% at head_dim 64. An L2 prefetch of the next item's rows by warp 0 on top of
-      // this added nothing. The first batch was loaded before the previous item's epilogue.
+      // this added nothing. kEarlyQ: the first batch came in before the previous item's epilogue.
 #pragma unroll 1
       for (int j0 = 0; j0 < kQIters; j0 += kQBatch) {
         uint4 raw[kQBatch][2];
