@@ -12,12 +12,11 @@ permutation, as bench decode lays them out) instead of allocating them in order.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from vllm_fireattn import ops
-from vllm_fireattn.bench.kernels import graphed
+from vllm_fireattn.bench.kernels import append_json_lines, graphed
 
 HEADS = {64: (64, 8), 128: (32, 8), 256: (16, 4)}
 BLOCK = 16
@@ -126,9 +125,7 @@ def main() -> None:
         print(f"{r['impl']:>8} {r['kv']:>4} splits={str(r.get('splits', '-')):>4} "
               f"b={r['batch']} ctx={r['ctx']:>6} D={d}: {r['us']:8.2f} us  {r['gbps']:7.0f} GB/s")
     if a.json:
-        with open(a.json, "a") as f:
-            for r in recs:
-                f.write(json.dumps(r) + "\n")
+        append_json_lines(a.json, recs)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ prefill's shapes, for one build (run it from each variant tree with its own PYTH
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
 
 from vllm_fireattn import ops
-from vllm_fireattn.bench.kernels import PREFILL_HEADS, _bench, _fa3, _ours, _setup, prefill_flops, prefill_shapes
+from vllm_fireattn.bench.kernels import (PREFILL_HEADS, _bench, _fa3, _ours, _setup, append_json_lines, prefill_flops,
+                                         prefill_shapes)
 
 
 def _label(shape) -> str:
@@ -55,8 +55,7 @@ def main() -> None:
                 print(f"{a.tag:>10} {name:>8} D{d} {_label((batch, q_len, seqlen, causal))}: "
                       f"{rec['tflops']:7.1f} TFLOP/s")
                 if a.json:
-                    with open(a.json, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                    append_json_lines(a.json, [rec])
             del s
             torch.cuda.empty_cache()
 

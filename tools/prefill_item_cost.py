@@ -12,13 +12,12 @@ give the causal / non-causal time ratio. GPU only.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import torch
 
 from vllm_fireattn import ops
-from vllm_fireattn.bench.kernels import PREFILL_HEADS, _bench, _fa3, _ours, _setup
+from vllm_fireattn.bench.kernels import PREFILL_HEADS, _bench, _fa3, _ours, _setup, append_json_lines
 
 SHAPES = [(64, 512), (32, 1024), (16, 2048), (8, 4096), (2, 16384)]  # batch x length, 32k tokens each
 KEY_TILE = {64: 128, 128: 128, 256: 64}  # FIREATTN's FP8 kBlockN (128-key tiles at head_dim 64 here)
@@ -55,9 +54,7 @@ def main() -> None:
                     full = next(x for x in pts if x["length"] == r["length"] and x["batch"] == r["batch"])
                     print(f"    {r['batch']} x {r['length']} causal / non-causal time {r['ms'] / full['ms']:.3f}")
     if a.json:
-        with open(a.json, "a") as f:
-            for r in recs:
-                f.write(json.dumps(r) + "\n")
+        append_json_lines(a.json, recs)
 
 
 if __name__ == "__main__":

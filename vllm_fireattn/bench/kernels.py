@@ -9,6 +9,8 @@ writes (`*_read_flush` fields; see _bench_read_flush); prefill calls eagerly.
 """
 from __future__ import annotations
 
+import json
+
 import torch
 
 from vllm_fireattn import ops
@@ -25,6 +27,13 @@ PREFILL_CHUNK_SHAPES = [(1, 16384, 65536), (1, 16384, 131072)]
 # (batch, context): ANCHORS.md's shapes plus a batch-8 context sweep for the plot.
 DECODE_SHAPES = [(8, 32768), (1, 131072), (8, 8192), (64, 4096), (1, 32768), (8, 4096), (8, 16384), (8, 65536),
                  (32, 32768)]
+
+
+def append_json_lines(path: str, records) -> None:
+    """Append each record to `path` as one JSON line (the tools' --json files)."""
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
 
 
 def prefill_shapes() -> list[tuple[int, int, int, bool]]:
