@@ -995,8 +995,9 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   // kEarlyQ: the next item and its first Q batch are read before the current item's epilogue, so
   // the global round trip of those loads overlaps the epilogue. H200, same call, causal 1 / 4 / 8 x
   // 4k TFLOP/s: head_dim 64 367 / 375 / 379 vs 361 / 370 / 373, 128 563 / 590 / 596 vs 553 / 579 /
-  // 586, 16k rows level; head_dim 256 lost 4-5% on every shape (long chunks too), so it reads
-  // each item at its start, and so do the promote-interval kernels (576 bytes of spills with it).
+  // 586, 16k rows level; head_dim 256 lost 4-5% on every shape (long chunks too: 48 bytes of
+  // spills with it), so it reads each item at its start, and so do the promote-interval kernels
+  // (576 bytes of spills with it).
   constexpr bool kEarlyQ = D < 256 && kEveryTile;
   Item it = next_item(0, false);
   uint4 q_first[kQBatch][2];
