@@ -87,6 +87,7 @@ void prefill(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cach
 
 // CTAs of a persistent prefill launch on the current device, 0 when it takes one CTA per work
 // item (prefill_kernel.cuh, PrefillSchedule); an op, so tests can tell which path a shape takes.
+// The 256-key loop (prefill_wide_tiles) takes one CTA per item whatever this says.
 int64_t prefill_persistent_grid(int64_t max_query_len, int64_t num_tokens, int64_t num_seqs, int64_t num_q_heads,
                                 int64_t num_kv_heads) {
   return prefill_persistent_ctas(max_query_len, num_tokens, num_seqs, num_q_heads, num_kv_heads);

@@ -236,11 +236,6 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
   return v;
 }
-__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
-  return v;
-}
 __device__ __forceinline__ void sts32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
@@ -605,18 +600,17 @@ __global__ void __launch_bounds__(PrefillConfig<D, kFp8 ? 1 : 2, kWide>::kThread
   const int grid_item = (blockIdx.z * p.num_seqs + blockIdx.y) * sched.m_tiles + blockIdx.x;
   // The item's row tile and the keys it sees (idx -1: no item).
   struct Item {
-    int idx, m_block, seq, kv_head, row0;
-    int q_begin, num_rows, context, first_pos, last_pos, kv_begin, kv_end, tile0, num_tiles, pad[2];
+    int idx, seq, kv_head, row0;
+    int q_begin, num_rows, context, first_pos, last_pos, kv_begin, kv_end, tile0, num_tiles, pad[3];
   };
   static_assert(sizeof(Item) == 64, "an item slot is 64 bytes");
   auto item_of = [&](int idx) {
     Item it{};
     it.idx = idx;
     if (idx < 0) return it;
-    it.m_block = m_block_of(idx);
     it.seq = seq_of(idx);
     it.kv_head = idx / sched.m_tiles / p.num_seqs;
-    it.row0 = it.m_block * kBlockM;
+    it.row0 = m_block_of(idx) * kBlockM;
     const RowTile rt(p, it.seq, it.row0, kBlockM);
     it.q_begin = rt.q_begin, it.num_rows = rt.num_rows, it.context = rt.context;
     it.first_pos = rt.first_pos, it.last_pos = rt.last_pos, it.kv_end = rt.kv_end, it.kv_begin = rt.kv_begin;
